@@ -1,0 +1,5 @@
+//! Quantized tensor formats and their kernels.
+
+mod types;
+
+pub use types::GgmlType;
