@@ -6,3 +6,6 @@
 
 pub mod gguf;
 pub mod quant;
+pub mod kv;
+pub mod model;
+pub mod pool;

@@ -1,0 +1,292 @@
+//! The forward pass's view of a sequence's keys and values.
+//!
+//! The forward pass writes each token's keys and values through [`KvCache::write`] and asks the
+//! cache to attend ([`KvCache::attend`]), so a cache may hold its entries in any format (the
+//! daemon's KV store keeps 16-token chunks at several precisions) and read them directly.
+//! [`ContiguousKv`] is the plain f32 implementation used by one-shot commands and tests.
+
+use std::ops::Range;
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum KvError {
+    #[error("context full: {needed} positions needed, capacity is {capacity}")]
+    Full { needed: usize, capacity: usize },
+    #[error("cache shape mismatch: {0}")]
+    Shape(String),
+}
+
+/// Shape of the per-layer key/value rows a cache must hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvShape {
+    pub n_layers: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub v_head_dim: usize,
+}
+
+/// One attention question: the query of the token at `pos` in `layer`, for query heads `heads`.
+#[derive(Clone, Debug)]
+pub struct AttnQuery<'a> {
+    pub layer: usize,
+    pub pos: usize,
+    /// Keys visible to the query, itself included (sliding-window layers); `None`: all.
+    pub window: Option<usize>,
+    /// Query heads to compute (a sub-range lets threads split one query).
+    pub heads: Range<usize>,
+    /// Query vectors of all heads (`n_heads * head_dim`), already scaled.
+    pub q: &'a [f32],
+    pub n_heads: usize,
+}
+
+impl AttnQuery<'_> {
+    /// Positions this query sees.
+    pub fn visible(&self) -> Range<usize> {
+        let start = match self.window {
+            Some(w) => (self.pos + 1).saturating_sub(w),
+            None => 0,
+        };
+        start..self.pos + 1
+    }
+}
+
+pub trait KvCache: Send + Sync {
+    fn shape(&self) -> KvShape;
+
+    /// Number of positions held: `0..len()` are valid.
+    fn len(&self) -> usize;
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Most positions this cache can hold.
+    fn capacity(&self) -> usize;
+
+    /// Makes positions `0..len` writable. Fails if `len` exceeds the capacity.
+    fn reserve(&mut self, len: usize) -> Result<(), KvError>;
+
+    /// Stores one token's keys (`n_kv_heads * head_dim`) and values at `pos` of `layer`.
+    /// `pos` must be below the length last reserved.
+    fn write(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]);
+
+    /// Marks `0..len` as valid after a forward pass wrote them (all layers).
+    fn set_len(&mut self, len: usize);
+
+    /// Forgets positions from `len` on.
+    fn truncate(&mut self, len: usize) {
+        if len < self.len() {
+            self.set_len(len);
+        }
+    }
+
+    /// Softmax attention of `query` over the visible positions: writes `v_head_dim` outputs for
+    /// each head of `query.heads` into `out`, which holds exactly those heads in order
+    /// (`out.len() == query.heads.len() * v_head_dim`). `scores` is scratch space.
+    fn attend(&self, query: &AttnQuery<'_>, out: &mut [f32], scores: &mut Vec<f32>);
+}
+
+/// A contiguous f32 cache: per layer, `[position][kv_head][dim]`.
+#[derive(Clone, Debug)]
+pub struct ContiguousKv {
+    shape: KvShape,
+    capacity: usize,
+    len: usize,
+    reserved: usize,
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+}
+
+impl ContiguousKv {
+    pub fn new(shape: KvShape, capacity: usize) -> Self {
+        ContiguousKv {
+            shape,
+            capacity,
+            len: 0,
+            reserved: 0,
+            keys: vec![Vec::new(); shape.n_layers],
+            values: vec![Vec::new(); shape.n_layers],
+        }
+    }
+
+    fn k_width(&self) -> usize {
+        self.shape.n_kv_heads * self.shape.head_dim
+    }
+
+    fn v_width(&self) -> usize {
+        self.shape.n_kv_heads * self.shape.v_head_dim
+    }
+}
+
+impl KvCache for ContiguousKv {
+    fn shape(&self) -> KvShape {
+        self.shape
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    fn reserve(&mut self, len: usize) -> Result<(), KvError> {
+        if len > self.capacity {
+            return Err(KvError::Full {
+                needed: len,
+                capacity: self.capacity,
+            });
+        }
+        if len > self.reserved {
+            let (kw, vw) = (self.k_width(), self.v_width());
+            for l in 0..self.shape.n_layers {
+                self.keys[l].resize(len * kw, 0.0);
+                self.values[l].resize(len * vw, 0.0);
+            }
+            self.reserved = len;
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
+        let (kw, vw) = (self.k_width(), self.v_width());
+        debug_assert!(pos < self.reserved && k.len() == kw && v.len() == vw);
+        if let Some(dst) = self.keys[layer].get_mut(pos * kw..(pos + 1) * kw) {
+            dst.copy_from_slice(k);
+        }
+        if let Some(dst) = self.values[layer].get_mut(pos * vw..(pos + 1) * vw) {
+            dst.copy_from_slice(v);
+        }
+    }
+
+    fn set_len(&mut self, len: usize) {
+        self.len = len.min(self.reserved);
+    }
+
+    fn attend(&self, query: &AttnQuery<'_>, out: &mut [f32], scores: &mut Vec<f32>) {
+        let KvShape {
+            n_kv_heads,
+            head_dim,
+            v_head_dim,
+            ..
+        } = self.shape;
+        let (kw, vw) = (self.k_width(), self.v_width());
+        let visible = query.visible();
+        let visible = visible.start..visible.end.min(self.reserved);
+        let group = query.n_heads / n_kv_heads;
+        let keys = &self.keys[query.layer];
+        let values = &self.values[query.layer];
+        scores.resize(visible.len(), 0.0);
+        for h in query.heads.clone() {
+            let g = h / group;
+            let q = &query.q[h * head_dim..(h + 1) * head_dim];
+            let mut max = f32::NEG_INFINITY;
+            for (s, p) in scores.iter_mut().zip(visible.clone()) {
+                let k = &keys[p * kw + g * head_dim..p * kw + (g + 1) * head_dim];
+                *s = dot(q, k);
+                max = max.max(*s);
+            }
+            let mut sum = 0.0;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let inv = 1.0 / sum;
+            let oh = h - query.heads.start;
+            let o = &mut out[oh * v_head_dim..(oh + 1) * v_head_dim];
+            o.fill(0.0);
+            for (&s, p) in scores.iter().zip(visible.clone()) {
+                let v = &values[p * vw + g * v_head_dim..p * vw + (g + 1) * v_head_dim];
+                let w = s * inv;
+                for (o, &v) in o.iter_mut().zip(v) {
+                    *o += w * v;
+                }
+            }
+        }
+    }
+}
+
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight independent accumulators let the compiler vectorise without reassociation.
+    let mut acc = [0.0f32; 8];
+    let (ac, ar) = a.split_at(a.len() / 8 * 8);
+    let (bc, br) = b.split_at(ac.len());
+    for (x, y) in ac.chunks_exact(8).zip(bc.chunks_exact(8)) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ar.iter().zip(br) {
+        s += x * y;
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape() -> KvShape {
+        KvShape {
+            n_layers: 1,
+            n_kv_heads: 1,
+            head_dim: 2,
+            v_head_dim: 2,
+        }
+    }
+
+    #[test]
+    fn attends_with_softmax_and_window() {
+        let mut kv = ContiguousKv::new(shape(), 8);
+        kv.reserve(3).unwrap();
+        kv.write(0, 0, &[1.0, 0.0], &[1.0, 0.0]);
+        kv.write(0, 1, &[0.0, 1.0], &[0.0, 1.0]);
+        kv.write(0, 2, &[0.0, 0.0], &[5.0, 5.0]);
+        kv.set_len(3);
+        let q = [2.0f32, 0.0];
+        let mut out = [0.0f32; 4];
+        let mut scratch = Vec::new();
+        let query = AttnQuery {
+            layer: 0,
+            pos: 1,
+            window: None,
+            heads: 0..2,
+            q: &[2.0, 0.0, 2.0, 0.0],
+            n_heads: 2,
+        };
+        kv.attend(&query, &mut out, &mut scratch);
+        let e = 2f32.exp();
+        let w0 = e / (e + 1.0);
+        assert!((out[0] - w0).abs() < 1e-6 && (out[1] - (1.0 - w0)).abs() < 1e-6);
+        assert_eq!(out[0..2], out[2..4]);
+        // Window of 1: only itself.
+        let query = AttnQuery {
+            window: Some(1),
+            pos: 2,
+            heads: 0..1,
+            q: &q,
+            n_heads: 1,
+            layer: 0,
+        };
+        kv.attend(&query, &mut out[..2], &mut scratch);
+        assert_eq!(&out[0..2], &[5.0, 5.0]);
+    }
+
+    #[test]
+    fn capacity_is_enforced() {
+        let mut kv = ContiguousKv::new(shape(), 4);
+        assert_eq!(
+            kv.reserve(5),
+            Err(KvError::Full {
+                needed: 5,
+                capacity: 4
+            })
+        );
+        kv.reserve(4).unwrap();
+        kv.set_len(4);
+        kv.truncate(2);
+        assert_eq!(kv.len(), 2);
+    }
+}

@@ -1,0 +1,208 @@
+//! The elementwise and matrix ops of a decoder forward pass, over row-major f32 activations.
+
+use crate::pool::{split_range, DisjointSlice, ThreadPool};
+use crate::quant::{self, GgmlType, VecDotFn};
+
+use super::config::RopeStyle;
+
+/// A weight matrix of `rows` outputs over `cols` inputs, stored in the model file.
+#[derive(Clone, Debug)]
+pub struct Matrix {
+    pub name: String,
+    pub ty: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    /// Byte range of the data inside the model file.
+    pub offset: usize,
+    pub row_bytes: usize,
+    /// Type the activations are quantized to for this matrix's dot products.
+    pub act_ty: GgmlType,
+    pub vec_dot: VecDotFn,
+}
+
+/// `out[i] = x[i] / rms(x) * w[i]` for each row of `x` (width `w.len()`), in place.
+pub fn rms_norm_rows(x: &mut [f32], w: &[f32], eps: f32) {
+    for row in x.chunks_exact_mut(w.len()) {
+        rms_norm(row, w, eps);
+    }
+}
+
+#[inline]
+pub fn rms_norm(row: &mut [f32], w: &[f32], eps: f32) {
+    // Sum in f64 as ggml does: rows are short, and it keeps us closer to the reference.
+    let ss: f64 = row.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+    let scale = (1.0 / ((ss / row.len() as f64) as f32 + eps).sqrt()) as f32;
+    for (v, &g) in row.iter_mut().zip(w) {
+        *v = *v * scale * g;
+    }
+}
+
+/// `dst = rms_norm(src) * w` row by row.
+pub fn rms_norm_into(dst: &mut [f32], src: &[f32], w: &[f32], eps: f32) {
+    dst.copy_from_slice(src);
+    rms_norm_rows(dst, w, eps);
+}
+
+pub fn add_in_place(dst: &mut [f32], src: &[f32]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d += s;
+    }
+}
+
+/// Adds `bias` to every row of `x`.
+pub fn add_bias_rows(x: &mut [f32], bias: &[f32]) {
+    for row in x.chunks_exact_mut(bias.len()) {
+        add_in_place(row, bias);
+    }
+}
+
+#[inline]
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+#[inline]
+pub fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh())
+}
+
+/// Inverse frequencies of rotary embeddings: `base^(-2i/dims) / factor_i`.
+pub fn rope_inv_freqs(base: f32, dims: usize, factors: Option<&[f32]>) -> Vec<f32> {
+    (0..dims / 2)
+        .map(|i| {
+            let f = base.powf(-2.0 * i as f32 / dims as f32);
+            match factors.and_then(|fs| fs.get(i)) {
+                Some(&div) if div > 0.0 => f / div,
+                _ => f,
+            }
+        })
+        .collect()
+}
+
+/// Rotates the first `2 * inv_freq.len()` dimensions of every head of `row` for position `pos`.
+pub fn rope(
+    row: &mut [f32],
+    head_dim: usize,
+    pos: f32,
+    inv_freq: &[f32],
+    style: RopeStyle,
+    cos_sin: &mut Vec<(f32, f32)>,
+) {
+    cos_sin.clear();
+    cos_sin.extend(inv_freq.iter().map(|&f| {
+        let theta = pos * f;
+        (theta.cos(), theta.sin())
+    }));
+    let half = inv_freq.len();
+    for head in row.chunks_exact_mut(head_dim) {
+        match style {
+            RopeStyle::Adjacent => {
+                for (pair, &(c, s)) in head.chunks_exact_mut(2).zip(cos_sin.iter()) {
+                    let (a, b) = (pair[0], pair[1]);
+                    pair[0] = a * c - b * s;
+                    pair[1] = a * s + b * c;
+                }
+            }
+            RopeStyle::HalfSplit => {
+                let (lo, hi) = head.split_at_mut(half);
+                for ((a, b), &(c, s)) in lo.iter_mut().zip(hi.iter_mut()).zip(cos_sin.iter()) {
+                    let (x, y) = (*a, *b);
+                    *a = x * c - y * s;
+                    *b = x * s + y * c;
+                }
+            }
+        }
+    }
+}
+
+/// `out[t][r] = dot(w[r], x[t])` for `n` token rows of `x` (width `w.cols`): weights stay
+/// quantized, activations are quantized once to `w.act_ty`, rows are split across threads.
+pub fn matmul(
+    pool: &ThreadPool,
+    w: &Matrix,
+    w_data: &[u8],
+    x: &[f32],
+    n: usize,
+    act_buf: &mut Vec<u8>,
+    out: &mut [f32],
+) -> Result<(), quant::QuantError> {
+    debug_assert_eq!(x.len(), n * w.cols);
+    debug_assert_eq!(out.len(), n * w.rows);
+    let act_row = w
+        .act_ty
+        .row_bytes(w.cols)
+        .ok_or(quant::QuantError::Unsupported(w.act_ty))?;
+    act_buf.resize(n * act_row, 0);
+    if n == 1 {
+        quant::quantize_row(w.act_ty, x, act_buf)?;
+    } else {
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        let shared = DisjointSlice::new(act_buf.as_mut_slice());
+        pool.for_ranges(n, &|toks| {
+            // SAFETY: token ranges are disjoint, so are their activation rows.
+            let dst = unsafe { shared.slice_mut(toks.start * act_row..toks.end * act_row) };
+            for (t, d) in toks.zip(dst.chunks_exact_mut(act_row)) {
+                if quant::quantize_row(w.act_ty, &x[t * w.cols..(t + 1) * w.cols], d).is_err() {
+                    failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        });
+        if failed.into_inner() {
+            return Err(quant::QuantError::Unsupported(w.act_ty));
+        }
+    }
+    let acts: &[u8] = act_buf;
+    let (rows, cols, rb, vec_dot) = (w.rows, w.cols, w.row_bytes, w.vec_dot);
+    let shared = DisjointSlice::new(out);
+    pool.run(&|idx, n_threads| {
+        for r in split_range(rows, n_threads, idx) {
+            let wrow = &w_data[r * rb..(r + 1) * rb];
+            for (t, a) in acts.chunks_exact(act_row).enumerate() {
+                // SAFETY: each (t, r) index belongs to the one thread owning row r.
+                unsafe { shared.write(t * rows + r, vec_dot(cols, wrow, a)) };
+            }
+        }
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rms_norm_matches_definition() {
+        let mut x = vec![1.0f32, 2.0, 3.0, 4.0];
+        rms_norm_rows(&mut x, &[1.0, 1.0, 2.0, 1.0], 0.0);
+        let rms = (30.0f32 / 4.0).sqrt();
+        assert!((x[0] - 1.0 / rms).abs() < 1e-6);
+        assert!((x[2] - 6.0 / rms).abs() < 1e-6);
+    }
+
+    #[test]
+    fn rope_rotates_pairs() {
+        let inv = rope_inv_freqs(10000.0, 4, None);
+        let mut cs = Vec::new();
+        let mut adj = vec![1.0f32, 0.0, 1.0, 0.0];
+        rope(&mut adj, 4, 1.0, &inv, RopeStyle::Adjacent, &mut cs);
+        assert!((adj[0] - 1f32.cos()).abs() < 1e-6 && (adj[1] - 1f32.sin()).abs() < 1e-6);
+        let mut neox = vec![1.0f32, 1.0, 0.0, 0.0];
+        rope(&mut neox, 4, 1.0, &inv, RopeStyle::HalfSplit, &mut cs);
+        assert!((neox[0] - 1f32.cos()).abs() < 1e-6 && (neox[2] - 1f32.sin()).abs() < 1e-6);
+        let f1 = 10000f32.powf(-0.5);
+        assert!((neox[1] - f1.cos()).abs() < 1e-6 && (neox[3] - f1.sin()).abs() < 1e-6);
+        // Position 0 is the identity.
+        let mut id = vec![0.3f32, -0.7, 0.2, 0.9];
+        let orig = id.clone();
+        rope(&mut id, 4, 0.0, &inv, RopeStyle::HalfSplit, &mut cs);
+        assert_eq!(id, orig);
+    }
+
+    #[test]
+    fn activations() {
+        assert!((silu(1.0) - 0.731_058_6).abs() < 1e-6);
+        assert!((gelu_tanh(1.0) - 0.841_192).abs() < 1e-5);
+        assert_eq!(gelu_tanh(0.0), 0.0);
+    }
+}

@@ -1,0 +1,345 @@
+//! A persistent thread pool for the forward pass.
+//!
+//! Every op of a forward pass (a matmul, an attention block) is split across the same threads;
+//! a decode step has hundreds of ops, so spawning threads or parking on a condvar per op would
+//! cost more than the op. Workers spin on a generation counter for a short while after each op
+//! and only then park, so back-to-back ops start within a microsecond or so, while an idle pool
+//! costs no CPU.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+/// The job workers run: `f(thread_index, n_threads)`.
+type Job<'a> = &'a (dyn Fn(usize, usize) + Sync);
+
+/// Spins before a worker parks (about 50-100 µs on current CPUs).
+const SPIN_ITERS: u32 = 20_000;
+
+struct Shared {
+    n_threads: usize,
+    generation: AtomicU64,
+    /// Points at a `Job` on the stack of the thread inside [`ThreadPool::run`].
+    job: AtomicPtr<Job<'static>>,
+    done: AtomicUsize,
+    panicked: AtomicBool,
+    shutdown: AtomicBool,
+    sleep_lock: Mutex<()>,
+    wake: Condvar,
+}
+
+pub struct ThreadPool {
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+    /// `run` is not re-entrant: one job at a time.
+    busy: Mutex<()>,
+}
+
+impl std::fmt::Debug for ThreadPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ThreadPool")
+            .field("n_threads", &self.shared.n_threads)
+            .finish()
+    }
+}
+
+impl ThreadPool {
+    /// A pool running jobs on `n_threads` threads: the caller's and `n_threads - 1` workers.
+    pub fn new(n_threads: usize) -> std::io::Result<Self> {
+        let n_threads = n_threads.max(1);
+        let shared = Arc::new(Shared {
+            n_threads,
+            generation: AtomicU64::new(0),
+            job: AtomicPtr::new(std::ptr::null_mut()),
+            done: AtomicUsize::new(0),
+            panicked: AtomicBool::new(false),
+            shutdown: AtomicBool::new(false),
+            sleep_lock: Mutex::new(()),
+            wake: Condvar::new(),
+        });
+        let mut workers = Vec::with_capacity(n_threads - 1);
+        for idx in 1..n_threads {
+            let shared = Arc::clone(&shared);
+            let handle = std::thread::Builder::new()
+                .name(format!("llmsd-engine-{idx}"))
+                .spawn(move || worker_loop(&shared, idx))?;
+            workers.push(handle);
+        }
+        Ok(ThreadPool {
+            shared,
+            workers,
+            busy: Mutex::new(()),
+        })
+    }
+
+    pub fn n_threads(&self) -> usize {
+        self.shared.n_threads
+    }
+
+    /// Runs `f(thread_index, n_threads)` once on every thread of the pool and returns when all
+    /// have finished. Panics (after all threads finished) if `f` panicked on any thread.
+    pub fn run(&self, f: &(dyn Fn(usize, usize) + Sync)) {
+        let n = self.shared.n_threads;
+        if n == 1 {
+            f(0, 1);
+            return;
+        }
+        let _guard = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        let job: Job<'_> = f;
+        // SAFETY: the pointer is only dereferenced by workers between the generation bump below
+        // and their `done` increment, and this function does not return (even if `f` panics
+        // here, see the catch_unwind) until every worker has incremented `done`; so `job` and
+        // what it borrows outlive every use. The 'static is a lie told only to the atomic.
+        let ptr = &job as *const Job<'_> as *mut Job<'static>;
+        self.shared.job.store(ptr, Ordering::Release);
+        self.shared.done.store(0, Ordering::Release);
+        self.shared.generation.fetch_add(1, Ordering::AcqRel);
+        {
+            // Taking the lock orders this notify after a worker's check-then-wait.
+            let _l = self
+                .shared
+                .sleep_lock
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            self.shared.wake.notify_all();
+        }
+        let mine = catch_unwind(AssertUnwindSafe(|| f(0, n)));
+        let mut spins = 0u32;
+        while self.shared.done.load(Ordering::Acquire) < n - 1 {
+            spins = spins.wrapping_add(1);
+            if spins % 1024 == 0 {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        self.shared.job.store(std::ptr::null_mut(), Ordering::Release);
+        let worker_panicked = self.shared.panicked.swap(false, Ordering::AcqRel);
+        if let Err(p) = mine {
+            std::panic::resume_unwind(p);
+        }
+        if worker_panicked {
+            panic!("a thread-pool job panicked on a worker thread");
+        }
+    }
+
+    /// Splits `0..n_items` into one contiguous range per thread and runs `f(range)` on each.
+    pub fn for_ranges(&self, n_items: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
+        if n_items == 0 {
+            return;
+        }
+        let n = self.shared.n_threads.min(n_items);
+        if n == 1 {
+            f(0..n_items);
+            return;
+        }
+        self.run(&|idx, _| {
+            if idx < n {
+                f(split_range(n_items, n, idx));
+            }
+        });
+    }
+}
+
+/// The `idx`-th of `parts` near-equal contiguous pieces of `0..n`.
+pub fn split_range(n: usize, parts: usize, idx: usize) -> std::ops::Range<usize> {
+    let base = n / parts;
+    let extra = n % parts;
+    let start = idx * base + idx.min(extra);
+    let len = base + usize::from(idx < extra);
+    start..start + len
+}
+
+fn worker_loop(shared: &Shared, idx: usize) {
+    let mut seen = 0u64;
+    loop {
+        let mut spins = 0u32;
+        let gen = loop {
+            if shared.shutdown.load(Ordering::Acquire) {
+                return;
+            }
+            let g = shared.generation.load(Ordering::Acquire);
+            if g != seen {
+                break g;
+            }
+            if spins < SPIN_ITERS {
+                spins += 1;
+                std::hint::spin_loop();
+            } else {
+                let l = shared.sleep_lock.lock().unwrap_or_else(|e| e.into_inner());
+                if shared.generation.load(Ordering::Acquire) == seen
+                    && !shared.shutdown.load(Ordering::Acquire)
+                {
+                    drop(shared.wake.wait(l).unwrap_or_else(|e| e.into_inner()));
+                }
+            }
+        };
+        seen = gen;
+        let ptr = shared.job.load(Ordering::Acquire);
+        if !ptr.is_null() {
+            // SAFETY: see `ThreadPool::run`: the job outlives this call because `run` waits
+            // for our `done` increment below.
+            let job: Job<'_> = unsafe { *ptr };
+            if catch_unwind(AssertUnwindSafe(|| job(idx, shared.n_threads))).is_err() {
+                shared.panicked.store(true, Ordering::Release);
+            }
+        }
+        shared.done.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+impl Drop for ThreadPool {
+    fn drop(&mut self) {
+        self.shared.shutdown.store(true, Ordering::Release);
+        {
+            let _l = self
+                .shared
+                .sleep_lock
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            self.shared.wake.notify_all();
+        }
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+/// A slice that pool threads write to at disjoint indices.
+///
+/// Matmul outputs are laid out token-major while threads split weight rows, so each thread's
+/// share is strided and cannot be expressed as `split_at_mut` pieces.
+pub struct DisjointSlice<'a, T> {
+    ptr: *mut T,
+    len: usize,
+    _marker: std::marker::PhantomData<&'a mut [T]>,
+}
+
+// SAFETY: access goes through `write`, whose contract requires that no two threads touch the
+// same index, so sharing the pointer across threads is sound for `T: Send`.
+unsafe impl<T: Send> Sync for DisjointSlice<'_, T> {}
+// SAFETY: as above.
+unsafe impl<T: Send> Send for DisjointSlice<'_, T> {}
+
+impl<'a, T> DisjointSlice<'a, T> {
+    pub fn new(slice: &'a mut [T]) -> Self {
+        DisjointSlice {
+            ptr: slice.as_mut_ptr(),
+            len: slice.len(),
+            _marker: std::marker::PhantomData,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Writes `value` at `index`.
+    ///
+    /// # Safety
+    /// No other thread may read or write `index` while this `DisjointSlice` is alive.
+    #[inline(always)]
+    pub unsafe fn write(&self, index: usize, value: T) {
+        assert!(index < self.len, "DisjointSlice index out of bounds");
+        // SAFETY: in bounds (checked above); exclusive per the caller's contract.
+        unsafe { self.ptr.add(index).write(value) }
+    }
+
+    /// The sub-slice `range`, mutably.
+    ///
+    /// # Safety
+    /// No other thread may touch any index of `range` while the returned slice is alive.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn slice_mut(&self, range: std::ops::Range<usize>) -> &mut [T] {
+        assert!(range.start <= range.end && range.end <= self.len);
+        // SAFETY: in bounds (checked above); exclusive per the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(range.start), range.len()) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_every_thread_once_per_job() {
+        let pool = ThreadPool::new(3).unwrap();
+        for _ in 0..1000 {
+            let hits = [
+                AtomicUsize::new(0),
+                AtomicUsize::new(0),
+                AtomicUsize::new(0),
+            ];
+            pool.run(&|i, n| {
+                assert_eq!(n, 3);
+                hits[i].fetch_add(1, Ordering::Relaxed);
+            });
+            for h in &hits {
+                assert_eq!(h.load(Ordering::Relaxed), 1);
+            }
+        }
+    }
+
+    #[test]
+    fn ranges_cover_everything_once() {
+        for n in 0..50 {
+            for parts in 1..5 {
+                let mut covered = vec![0; n];
+                for idx in 0..parts {
+                    for i in split_range(n, parts, idx) {
+                        covered[i] += 1;
+                    }
+                }
+                assert!(covered.iter().all(|&c| c == 1));
+            }
+        }
+    }
+
+    #[test]
+    fn disjoint_writes_land() {
+        let pool = ThreadPool::new(2).unwrap();
+        let mut out = vec![0usize; 1001];
+        let shared = DisjointSlice::new(&mut out);
+        pool.for_ranges(1001, &|r| {
+            for i in r {
+                // SAFETY: ranges from for_ranges are disjoint.
+                unsafe { shared.write(i, i * 2) };
+            }
+        });
+        assert!(out.iter().enumerate().all(|(i, &v)| v == i * 2));
+    }
+
+    #[test]
+    fn worker_panic_is_reported_and_pool_survives() {
+        let pool = ThreadPool::new(2).unwrap();
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            pool.run(&|i, _| {
+                if i == 1 {
+                    panic!("boom");
+                }
+            })
+        }));
+        assert!(r.is_err());
+        let count = AtomicUsize::new(0);
+        pool.run(&|_, _| {
+            count.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(count.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn parked_workers_wake_up() {
+        let pool = ThreadPool::new(2).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let count = AtomicUsize::new(0);
+        pool.run(&|_, _| {
+            count.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(count.load(Ordering::Relaxed), 2);
+    }
+}
