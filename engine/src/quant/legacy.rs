@@ -177,7 +177,7 @@ pub(super) fn dequantize_row_q8_1(data: &[u8], out: &mut [f32]) {
 /// Checks the lengths the caller promised (debug builds only); release builds truncate.
 #[inline(always)]
 pub(super) fn debug_check(n: usize, w: &[u8], a: &[u8], w_block: usize, a_block: usize, qk: usize) {
-    debug_assert!(n % qk == 0, "n = {n} is not a multiple of {qk}");
+    debug_assert!(n.is_multiple_of(qk), "n = {n} is not a multiple of {qk}");
     debug_assert_eq!(w.len(), n / qk * w_block, "weight row length");
     debug_assert_eq!(a.len(), n / qk * a_block, "activation row length");
 }
