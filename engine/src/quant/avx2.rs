@@ -95,6 +95,23 @@ unsafe fn f16_at(b: &[u8], i: usize) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h))))
 }
 
+/// `d_x · d_y` broadcast to 8 lanes, from the f16 scales at the start of blocks `x` and `y`.
+///
+/// Both scales go through one `vmovd` (which zeroes the upper lanes), so the conversion never
+/// merges into a live register: a single-lane insert let LLVM pick the accumulator as the
+/// pass-through register, chaining every block's scale conversion onto the previous FMA.
+///
+/// # Safety
+/// The CPU must support AVX2 and F16C.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scale_product(x: &[u8], y: &[u8]) -> __m256 {
+    let bits = u32::from(u16::from_le_bytes([x[0], x[1]]))
+        | (u32::from(u16::from_le_bytes([y[0], y[1]])) << 16);
+    let v = _mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32));
+    _mm256_broadcastss_ps(_mm_mul_ss(v, _mm_movehdup_ps(v)))
+}
+
 /// Sum of the 8 lanes.
 ///
 /// # Safety
@@ -261,7 +278,7 @@ unsafe fn dot_q4_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     let off = _mm256_set1_epi8(8);
     for (x, y) in w.chunks_exact(Q4_0_BYTES).zip(a.chunks_exact(Q8_0_BYTES)) {
-        let d = _mm256_set1_ps(f16_at(x, 0) * f16_at(y, 0));
+        let d = scale_product(x, y);
         // Block slices: x[2..] holds 16 bytes, y[2..] 32 bytes.
         let qx = _mm256_sub_epi8(bytes_from_nibbles_32(&x[2..]), off);
         let qy = load_32(&y[2..]);
@@ -277,8 +294,16 @@ unsafe fn dot_q4_1_q8_1(w: &[u8], a: &[u8]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     let mut summs = 0.0f32;
     for (x, y) in w.chunks_exact(Q4_1_BYTES).zip(a.chunks_exact(Q8_1_BYTES)) {
-        summs += f16_at(x, 2) * f16_at(y, 2);
-        let d = _mm256_set1_ps(f16_at(x, 0) * f16_at(y, 0));
+        // [d_x, m_x, d_y, s_y] in one conversion (see `scale_product`).
+        let sc = _mm_cvtph_ps(_mm_set_epi32(
+            0,
+            0,
+            i32::from_le_bytes([y[0], y[1], y[2], y[3]]),
+            i32::from_le_bytes([x[0], x[1], x[2], x[3]]),
+        ));
+        let p = _mm_mul_ps(sc, _mm_movehl_ps(sc, sc)); // [d_x·d_y, m_x·s_y, ..]
+        summs += _mm_cvtss_f32(_mm_movehdup_ps(p));
+        let d = _mm256_broadcastss_ps(p);
         // Block slices: x[4..] holds 16 bytes, y[4..] 32 bytes.
         let qx = bytes_from_nibbles_32(&x[4..]);
         let qy = load_32(&y[4..]);
@@ -294,7 +319,7 @@ unsafe fn dot_q5_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     let hi = _mm256_set1_epi8(0xF0u8 as i8);
     for (x, y) in w.chunks_exact(Q5_0_BYTES).zip(a.chunks_exact(Q8_0_BYTES)) {
-        let d = _mm256_set1_ps(f16_at(x, 0) * f16_at(y, 0));
+        let d = scale_product(x, y);
         let qh = u32::from_le_bytes([x[2], x[3], x[4], x[5]]);
         // (nibble | 16·bit) − 16 == nibble | (bit ? 0 : 0xF0) as a signed byte.
         let bxhi = _mm256_andnot_si256(bytes_from_bits_32(qh), hi);
@@ -311,7 +336,7 @@ unsafe fn dot_q5_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
 unsafe fn dot_q8_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     for (x, y) in w.chunks_exact(Q8_0_BYTES).zip(a.chunks_exact(Q8_0_BYTES)) {
-        let d = _mm256_set1_ps(f16_at(x, 0) * f16_at(y, 0));
+        let d = scale_product(x, y);
         let qx = load_32(&x[2..]);
         let qy = load_32(&y[2..]);
         acc = _mm256_fmadd_ps(d, mul_sum_i8_pairs_float(qx, qy), acc);

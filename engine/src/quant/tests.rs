@@ -384,3 +384,36 @@ fn quant_real_tensors_simd_matches_scalar() {
         );
     }
 }
+
+/// Throughput of the dot kernels over a matrix larger than the caches (run by hand:
+/// `cargo test -p llmsd-engine --release quant_bench -- --ignored --nocapture`).
+#[test]
+#[ignore = "benchmark, run by hand"]
+fn quant_bench_vec_dot() {
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let n = 1536;
+    for ty in TYPES {
+        let rows = (64 << 20) / ty.row_bytes(n).unwrap();
+        let w = random_weights(ty, n * rows, &mut rng);
+        let a = quantized(ty, &random_activations(n, &mut rng));
+        let rb = ty.row_bytes(n).unwrap();
+        for (name, f) in [
+            ("simd", vec_dot_fn(ty).unwrap()),
+            ("scalar", vec_dot_fn_scalar(ty).unwrap()),
+        ] {
+            let t = std::time::Instant::now();
+            let mut s = 0.0f32;
+            for _ in 0..3 {
+                for row in w.chunks_exact(rb) {
+                    s += f(n, row, &a);
+                }
+            }
+            let secs = t.elapsed().as_secs_f64() / 3.0;
+            println!(
+                "{ty:>5} {name:>6}: {:6.2} GB/s of weights, {:7.1} ns/row of {n} (sum {s})",
+                w.len() as f64 / secs / 1e9,
+                secs * 1e9 / rows as f64
+            );
+        }
+    }
+}
