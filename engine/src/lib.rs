@@ -4,5 +4,7 @@
 //! sampling and the model forward passes. The engine knows nothing about apps, contexts on
 //! disk or sockets: the daemon drives it.
 
+pub mod chat;
 pub mod gguf;
 pub mod quant;
+pub mod sampling;
