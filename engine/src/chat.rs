@@ -782,6 +782,13 @@ mod tests {
     }
 
     #[test]
+    fn chat_template_is_send_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<ChatTemplate>();
+        assert_send_sync::<ChatError>();
+    }
+
+    #[test]
     fn chat_syntax_errors_are_errors() {
         for src in [
             "{% for m in messages %}",

@@ -513,6 +513,13 @@ mod tests {
     }
 
     #[test]
+    fn sampling_types_are_send() {
+        fn assert_send<T: Send>() {}
+        assert_send::<Sampler>();
+        assert_send::<StopMatcher>();
+    }
+
+    #[test]
     fn sampling_argmax_ties_and_nan() {
         assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]), 1);
         assert_eq!(argmax(&[f32::NAN, 1.0, f32::NAN, 2.0]), 3);
