@@ -5,6 +5,7 @@
 //! disk or sockets: the daemon drives it.
 
 pub mod chat;
+pub mod sampling;
+
 pub mod gguf;
 pub mod quant;
-pub mod sampling;
