@@ -4,6 +4,9 @@
 //! sampling and the model forward passes. The engine knows nothing about apps, contexts on
 //! disk or sockets: the daemon drives it.
 
+pub mod chat;
+pub mod sampling;
+
 pub mod gguf;
 pub mod quant;
 pub mod kv;
