@@ -631,24 +631,24 @@ mod tests {
         env!("CARGO_MANIFEST_DIR"),
         "/../models/gemma-3-270m-q4_k_m.gguf"
     );
-    const SMOL_REF: &str = "/work/shared/reference/smollm2_public.json";
+    const SMOL_REF: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/reference/smollm2_public.json"
+    );
 
     fn msg(role: &str, content: &str) -> ChatMessage {
         ChatMessage::new(role, content)
     }
 
-    fn smol() -> Option<ChatTemplate> {
-        if !Path::new(SMOL).exists() {
-            eprintln!("skipping: {SMOL} missing");
-            return None;
-        }
+    fn smol() -> ChatTemplate {
+        assert!(Path::new(SMOL).exists(), "{SMOL} missing: run scripts/fetch-models");
         let g = GgufFile::open(SMOL).unwrap();
-        Some(ChatTemplate::from_gguf(&g).unwrap())
+        ChatTemplate::from_gguf(&g).unwrap()
     }
 
     #[test]
     fn chat_smollm2_matches_reference_prompt() {
-        let Some(t) = smol() else { return };
+        let t = smol();
         assert!(!t.is_fallback());
         assert_eq!(t.bos_token(), "<|im_start|>");
         assert_eq!(t.eos_token(), "<|im_end|>");
@@ -664,24 +664,16 @@ mod tests {
                 true,
             )
             .unwrap();
-        let expected = match std::fs::read_to_string(SMOL_REF) {
-            Ok(s) => {
-                let j: serde_json::Value = serde_json::from_str(&s).unwrap();
-                j["greedy"][1]["prompt"].as_str().unwrap().to_owned()
-            }
-            Err(_) => {
-                "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by \
-                       Hugging Face<|im_end|>\n<|im_start|>user\nWhat is the capital of France?\
-                       <|im_end|>\n<|im_start|>assistant\n"
-                    .to_owned()
-            }
-        };
+        let reference = std::fs::read_to_string(SMOL_REF)
+            .unwrap_or_else(|e| panic!("{SMOL_REF} unreadable: {e}"));
+        let j: serde_json::Value = serde_json::from_str(&reference).unwrap();
+        let expected = j["greedy"][1]["prompt"].as_str().unwrap();
         assert_eq!(out, expected);
     }
 
     #[test]
     fn chat_smollm2_inserts_default_system_prompt() {
-        let Some(t) = smol() else { return };
+        let t = smol();
         let out = t.render(&[msg("user", "Hi")], false).unwrap();
         assert_eq!(
             out,
@@ -692,9 +684,7 @@ mod tests {
 
     #[test]
     fn chat_gemma_gguf_uses_fallback() {
-        if !Path::new(GEMMA).exists() {
-            return;
-        }
+        assert!(Path::new(GEMMA).exists(), "{GEMMA} missing: run scripts/fetch-models");
         let g = GgufFile::open(GEMMA).unwrap();
         let t = ChatTemplate::from_gguf(&g).unwrap();
         assert!(t.is_fallback());
