@@ -57,7 +57,7 @@ impl Bpe {
         for (rank, m) in merges.iter().enumerate() {
             // llama.cpp splits at the first space after the first byte; no space: an empty
             // pair that can never apply.
-            let Some(pos) = m.get(1..).and_then(|r| r.find(' ')).map(|p| p + 1) else {
+            let Some(pos) = m.bytes().skip(1).position(|b| b == b' ').map(|p| p + 1) else {
                 continue;
             };
             let (a, b) = (&m[..pos], &m[pos + 1..]);
