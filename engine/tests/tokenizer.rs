@@ -69,7 +69,11 @@ fn check_reference(tok: &Tokenizer, file: &str) {
         let text = c["text"].as_str().unwrap();
         let got = tok.encode(text, false, false);
         assert_eq!(got, ids(&c["ids"]), "{file}: tokenize {text:?}");
-        assert_eq!(tok.decode(&got), text.as_bytes(), "{file}: round trip {text:?}");
+        assert_eq!(
+            tok.decode(&got),
+            text.as_bytes(),
+            "{file}: round trip {text:?}"
+        );
     }
     let greedy = r["greedy"].as_array().expect("greedy cases");
     assert!(!greedy.is_empty());
@@ -79,7 +83,11 @@ fn check_reference(tok: &Tokenizer, file: &str) {
         let got = tok.encode(prompt, bos, true);
         assert_eq!(got, ids(&c["prompt_ids"]), "{file}: prompt {prompt:?}");
         let body = if bos { &got[1..] } else { &got[..] };
-        assert_eq!(tok.decode(body), prompt.as_bytes(), "{file}: prompt round trip");
+        assert_eq!(
+            tok.decode(body),
+            prompt.as_bytes(),
+            "{file}: prompt round trip"
+        );
         let gen = tok.decode(&ids(&c["generated_ids"]));
         assert_eq!(
             String::from_utf8_lossy(&gen),
@@ -141,12 +149,20 @@ fn tokenizer_gpl3_round_trip_and_speed() {
         let ids = tok.encode(&text, false, false);
         let dt = t.elapsed();
         assert!(ids.len() > 5000, "{name}: {} tokens", ids.len());
-        assert_eq!(tok.decode(&ids), text.as_bytes(), "{name}: GPL-3 round trip");
+        assert_eq!(
+            tok.decode(&ids),
+            text.as_bytes(),
+            "{name}: GPL-3 round trip"
+        );
         assert!(dt < Duration::from_millis(100), "{name}: GPL-3 took {dt:?}");
         // Special-token parsing must not be much slower (Gemma has ~6400 control tokens).
         let t = Instant::now();
         let _ = tok.encode(&text, true, true);
-        assert!(t.elapsed() < Duration::from_millis(100), "{name}: parse_special {:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_millis(100),
+            "{name}: parse_special {:?}",
+            t.elapsed()
+        );
     }
 }
 
@@ -160,7 +176,10 @@ fn tokenizer_long_runs_are_not_quadratic() {
             let ids = tok.encode(&text, false, true);
             let dt = t.elapsed();
             assert_eq!(tok.decode(&ids), text.as_bytes(), "{name}: run of {unit:?}");
-            assert!(dt < Duration::from_secs(1), "{name}: run of {unit:?} took {dt:?}");
+            assert!(
+                dt < Duration::from_secs(1),
+                "{name}: run of {unit:?} took {dt:?}"
+            );
         }
     }
 }

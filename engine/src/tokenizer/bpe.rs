@@ -6,7 +6,9 @@
 //! integers instead of string concatenation.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
+
+use super::HashMap;
 
 use super::pretokenize::PreType;
 use super::unicode::byte_to_char_table;
@@ -35,10 +37,15 @@ struct Sym {
 
 const NONE: usize = usize::MAX;
 
+/// (rank, left, right, merged size, merged text id); `Reverse` makes the lowest rank, then
+/// the leftmost pair, pop first.
+type Candidate = Reverse<(u32, usize, usize, usize, u32)>;
+
 impl Bpe {
     /// `vocab` are the token texts by id; `merges` the "left right" strings in rank order.
     pub fn new(pre: PreType, ignore_merges: bool, vocab: &[String], merges: &[&str]) -> Self {
-        let mut texts: HashMap<String, u32> = HashMap::with_capacity(vocab.len() + 16);
+        let mut texts: HashMap<String, u32> =
+            HashMap::with_capacity_and_hasher(vocab.len() + 16, Default::default());
         for (i, t) in vocab.iter().enumerate() {
             texts.insert(t.clone(), i as u32);
         }
@@ -53,7 +60,7 @@ impl Bpe {
             texts.insert(s.to_string(), id);
             id
         };
-        let mut map = HashMap::with_capacity(merges.len());
+        let mut map = HashMap::with_capacity_and_hasher(merges.len(), Default::default());
         for (rank, m) in merges.iter().enumerate() {
             // llama.cpp splits at the first space after the first byte; no space: an empty
             // pair that can never apply.
@@ -80,12 +87,7 @@ impl Bpe {
     }
 
     /// Appends the tokens of one raw text fragment.
-    pub fn encode(
-        &self,
-        text: &str,
-        token_id: impl Fn(&str) -> Option<u32>,
-        out: &mut Vec<u32>,
-    ) {
+    pub fn encode(&self, text: &str, token_id: impl Fn(&str) -> Option<u32>, out: &mut Vec<u32>) {
         let cps: Vec<char> = text.chars().collect();
         let table = byte_to_char_table();
         let mut start = 0;
@@ -133,7 +135,7 @@ impl Bpe {
             last.next = NONE;
         }
         // Heap of (rank, left, right, size, merged): min rank, then leftmost.
-        let mut heap: BinaryHeap<Reverse<(u32, usize, usize, usize, u32)>> = BinaryHeap::new();
+        let mut heap: BinaryHeap<Candidate> = BinaryHeap::new();
         let push = |heap: &mut BinaryHeap<_>, syms: &[Sym], l: usize, r: usize| {
             if l == NONE || r == NONE {
                 return;

@@ -14,7 +14,8 @@ mod special;
 mod spm;
 mod unicode;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::gguf::{GgufError, GgufFile, MetaValue};
 use special::{attr, Fragment, SpecialTokens};
@@ -31,8 +32,59 @@ pub enum TokenizerError {
     #[error("unknown tokenizer model {0:?} (supported: gpt2, llama)")]
     UnknownModel(String),
     #[error("duplicate token {text:?} at ids {first} and {second}")]
-    DuplicateToken { text: String, first: u32, second: u32 },
+    DuplicateToken {
+        text: String,
+        first: u32,
+        second: u32,
+    },
 }
+
+/// FxHash (rustc's): vocab lookups hash short strings millions of times, and SipHash's DoS
+/// resistance buys nothing for a table built from the model file.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct FxHasher(u64);
+
+impl Hasher for FxHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            self.add(u64::from_le_bytes(c.try_into().unwrap_or([0; 8])));
+        }
+        for &b in chunks.remainder() {
+            self.add(u64::from(b));
+        }
+    }
+    #[inline]
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+    #[inline]
+    fn write_u32(&mut self, i: u32) {
+        self.add(u64::from(i));
+    }
+    #[inline]
+    fn write_u64(&mut self, i: u64) {
+        self.add(i);
+    }
+    #[inline]
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+impl FxHasher {
+    #[inline]
+    fn add(&mut self, w: u64) {
+        self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+pub(crate) type HashMap<K, V> = std::collections::HashMap<K, V, BuildHasherDefault<FxHasher>>;
 
 fn malformed(key: &'static str, reason: impl Into<String>) -> TokenizerError {
     TokenizerError::Malformed {
@@ -105,7 +157,10 @@ fn opt_bool(g: &GgufFile, key: &str) -> Option<bool> {
     let v = g.get(key)?;
     let b = v.as_bool();
     if b.is_none() {
-        tracing::warn!("tokenizer: ignoring {key}: expected a bool, found {}", v.type_name());
+        tracing::warn!(
+            "tokenizer: ignoring {key}: expected a bool, found {}",
+            v.type_name()
+        );
     }
     b
 }
@@ -118,7 +173,10 @@ impl Tokenizer {
         let pre_name = match g.get("tokenizer.ggml.pre") {
             None => "",
             Some(v) => v.as_str().ok_or_else(|| {
-                malformed("tokenizer.ggml.pre", format!("expected a string, found {}", v.type_name()))
+                malformed(
+                    "tokenizer.ggml.pre",
+                    format!("expected a string, found {}", v.type_name()),
+                )
             })?,
         };
         let is_spm = match model_name {
@@ -134,7 +192,7 @@ impl Tokenizer {
             return Err(malformed(KEY_TOKENS, format!("{n} tokens")));
         }
         let mut tokens = Vec::with_capacity(n);
-        let mut token_to_id = HashMap::with_capacity(n);
+        let mut token_to_id = HashMap::with_capacity_and_hasher(n, Default::default());
         for (i, v) in raw_tokens.iter().enumerate() {
             let mut text = v
                 .as_str()
@@ -157,22 +215,28 @@ impl Tokenizer {
         let scores = match opt_array(g, KEY_SCORES)? {
             None => vec![0.0; n],
             Some(a) if a.len() < n => {
-                return Err(malformed(KEY_SCORES, format!("{} scores for {n} tokens", a.len())))
+                return Err(malformed(
+                    KEY_SCORES,
+                    format!("{} scores for {n} tokens", a.len()),
+                ))
             }
             Some(a) => a[..n]
                 .iter()
                 .enumerate()
                 .map(|(i, v)| {
-                    v.as_f64()
-                        .map(|x| x as f32)
-                        .ok_or_else(|| malformed(KEY_SCORES, format!("score {i} is a {}", v.type_name())))
+                    v.as_f64().map(|x| x as f32).ok_or_else(|| {
+                        malformed(KEY_SCORES, format!("score {i} is a {}", v.type_name()))
+                    })
                 })
                 .collect::<Result<_, _>>()?,
         };
         let mut attrs = match opt_array(g, KEY_TYPES)? {
             None => vec![attr::NORMAL; n],
             Some(a) if a.len() < n => {
-                return Err(malformed(KEY_TYPES, format!("{} types for {n} tokens", a.len())))
+                return Err(malformed(
+                    KEY_TYPES,
+                    format!("{} types for {n} tokens", a.len()),
+                ))
             }
             Some(a) => a[..n]
                 .iter()
@@ -187,7 +251,10 @@ impl Tokenizer {
                         MetaValue::I16(t) => i64::from(t),
                         MetaValue::U16(t) => i64::from(t),
                         _ => {
-                            return Err(malformed(KEY_TYPES, format!("type {i} is a {}", v.type_name())))
+                            return Err(malformed(
+                                KEY_TYPES,
+                                format!("type {i} is a {}", v.type_name()),
+                            ))
                         }
                     };
                     Ok(match t {
@@ -217,8 +284,15 @@ impl Tokenizer {
         };
         let llama3_like = matches!(
             pre_name,
-            "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0"
-                | "lfm2" | "jina-v5-nano"
+            "llama3"
+                | "llama-v3"
+                | "llama-bpe"
+                | "falcon3"
+                | "falcon-h1"
+                | "pixtral"
+                | "midm-2.0"
+                | "lfm2"
+                | "jina-v5-nano"
         );
         let (mut bos, mut eos, mut unk) = if is_spm {
             (Some(1), Some(2), Some(0))
@@ -290,19 +364,24 @@ impl Tokenizer {
                 eog.insert(i as u32);
                 attrs[i] |= attr::CONTROL;
             }
-            if matches!(t.as_str(), "<|channel|>" | "<|message|>" | "<|start|>" | "<|constrain|>") {
+            if matches!(
+                t.as_str(),
+                "<|channel|>" | "<|message|>" | "<|start|>" | "<|constrain|>"
+            ) {
                 attrs[i] = attr::USER_DEFINED;
             }
         }
         eog.extend([eos, eot, eom].into_iter().flatten());
         let has = |eog: &BTreeSet<u32>, texts: &[&str]| {
-            eog.iter().find(|&&id| texts.contains(&tokens[id as usize].as_str())).copied()
+            eog.iter()
+                .find(|&&id| texts.contains(&tokens[id as usize].as_str()))
+                .copied()
         };
         if let Some(end) = has(&eog, &["<|end|>"]) {
             let ret = has(&eog, &["<|return|>"]).is_some();
             let call = has(&eog, &["<|call|>", "<|calls|>"]).is_some();
             let flush = has(&eog, &["<|flush|>"]).is_some();
-            if (ret && call) || (call && flush) {
+            if call && (ret || flush) {
                 eog.remove(&end);
                 attrs[end as usize] = attr::USER_DEFINED;
             }
@@ -324,19 +403,30 @@ impl Tokenizer {
         let model = if is_spm {
             Model::Spm
         } else {
-            let merges = g.get(KEY_MERGES).ok_or_else(|| malformed(KEY_MERGES, "missing"))?;
-            let merges = merges
-                .as_array()
-                .ok_or_else(|| malformed(KEY_MERGES, format!("expected an array, found {}", merges.type_name())))?;
+            let merges = g
+                .get(KEY_MERGES)
+                .ok_or_else(|| malformed(KEY_MERGES, "missing"))?;
+            let merges = merges.as_array().ok_or_else(|| {
+                malformed(
+                    KEY_MERGES,
+                    format!("expected an array, found {}", merges.type_name()),
+                )
+            })?;
             let merges: Vec<&str> = merges
                 .iter()
                 .enumerate()
                 .map(|(i, v)| {
-                    v.as_str()
-                        .ok_or_else(|| malformed(KEY_MERGES, format!("merge {i} is a {}", v.type_name())))
+                    v.as_str().ok_or_else(|| {
+                        malformed(KEY_MERGES, format!("merge {i} is a {}", v.type_name()))
+                    })
                 })
                 .collect::<Result<_, _>>()?;
-            Model::Bpe(bpe::Bpe::new(pre, llama3_like || pre_name == "tekken", &tokens, &merges))
+            Model::Bpe(bpe::Bpe::new(
+                pre,
+                llama3_like || pre_name == "tekken",
+                &tokens,
+                &merges,
+            ))
         };
 
         let mut tok = Tokenizer {
@@ -361,7 +451,8 @@ impl Tokenizer {
 
     /// llama.cpp's `token_to_piece(id, special = true)`, uncached.
     fn piece(&self, id: u32) -> Vec<u8> {
-        let (Some(text), Some(&a)) = (self.tokens.get(id as usize), self.attrs.get(id as usize)) else {
+        let (Some(text), Some(&a)) = (self.tokens.get(id as usize), self.attrs.get(id as usize))
+        else {
             return Vec::new();
         };
         if a & (attr::UNKNOWN | attr::CONTROL | attr::USER_DEFINED) != 0 {
@@ -459,7 +550,11 @@ impl Tokenizer {
     fn byte_to_token(&self, b: u8) -> Option<u32> {
         self.token_to_id
             .get(&format!("<0x{b:02X}>"))
-            .or_else(|| std::str::from_utf8(&[b]).ok().and_then(|s| self.token_to_id.get(s)))
+            .or_else(|| {
+                std::str::from_utf8(&[b])
+                    .ok()
+                    .and_then(|s| self.token_to_id.get(s))
+            })
             .copied()
             .or(self.unk)
     }

@@ -115,8 +115,8 @@ fn split_each_number(cps: &[char], offsets: &[usize]) -> Vec<usize> {
     let mut out = Vec::with_capacity(offsets.len());
     for (s, e) in ranges(offsets) {
         let mut prev = s;
-        for i in s..e {
-            if flags(cps[i]) & NUMBER != 0 {
+        for (i, &c) in cps.iter().enumerate().take(e).skip(s) {
+            if flags(c) & NUMBER != 0 {
                 if i > prev {
                     out.push(i - prev);
                 }
@@ -402,7 +402,10 @@ mod tests {
 
     #[test]
     fn smollm_splits_digits() {
-        assert_eq!(words(PreType::Smollm, "year 2024"), ["year", " ", "2", "0", "2", "4"]);
+        assert_eq!(
+            words(PreType::Smollm, "year 2024"),
+            ["year", " ", "2", "0", "2", "4"]
+        );
     }
 
     #[test]

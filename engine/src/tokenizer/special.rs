@@ -111,14 +111,17 @@ pub struct SpecialTokens {
     /// (id, text, attr) sorted by text length, longest first (ties by id).
     tokens: Vec<(u32, String, u32)>,
     /// Byte trie over the texts; `nodes[i]` = (sorted children, index into `tokens`).
-    nodes: Vec<(Vec<(u8, u32)>, Option<usize>)>,
+    nodes: Vec<Node>,
 }
+
+/// A trie node: children sorted by byte, and the special token (index) ending here.
+type Node = (Vec<(u8, u32)>, Option<usize>);
 
 impl SpecialTokens {
     pub fn new(mut tokens: Vec<(u32, String, u32)>) -> Self {
         // llama.cpp uses std::sort by length only (unstable); ties by id keep this deterministic.
         tokens.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then(a.0.cmp(&b.0)));
-        let mut nodes: Vec<(Vec<(u8, u32)>, Option<usize>)> = vec![(Vec::new(), None)];
+        let mut nodes: Vec<Node> = vec![(Vec::new(), None)];
         for (i, (_, text, _)) in tokens.iter().enumerate() {
             let mut n = 0usize;
             for &b in text.as_bytes() {
@@ -233,9 +236,17 @@ mod tests {
         let st = SpecialTokens::new(vec![
             (0, "<a>".into(), attr::CONTROL),
             (1, "<a><a>".into(), attr::CONTROL),
-            (2, "x".into(), attr::USER_DEFINED | attr::LSTRIP | attr::RSTRIP),
+            (
+                2,
+                "x".into(),
+                attr::USER_DEFINED | attr::LSTRIP | attr::RSTRIP,
+            ),
         ]);
-        let attrs = [attr::CONTROL, attr::CONTROL, attr::USER_DEFINED | attr::LSTRIP | attr::RSTRIP];
+        let attrs = [
+            attr::CONTROL,
+            attr::CONTROL,
+            attr::USER_DEFINED | attr::LSTRIP | attr::RSTRIP,
+        ];
         let f = st.partition("q<a><a><a> x r", true, &attrs);
         assert_eq!(
             f,

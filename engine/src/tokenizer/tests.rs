@@ -24,7 +24,10 @@ fn tiny_bpe(extra: &[(&str, MetaValue)]) -> Result<Tokenizer, TokenizerError> {
             "tokenizer.ggml.tokens",
             strs(&["<|endoftext|>", "a", "b", "ab", "Ġ", "Ġab"]),
         ),
-        ("tokenizer.ggml.merges", strs(&["a b", "Ġ ab", "x y", "nospace", " "])),
+        (
+            "tokenizer.ggml.merges",
+            strs(&["a b", "Ġ ab", "x y", "nospace", " "]),
+        ),
         (
             "tokenizer.ggml.token_type",
             MetaValue::Array([3, 1, 1, 1, 1, 1].map(MetaValue::I32).to_vec()),
@@ -60,11 +63,19 @@ fn malformed_metadata_is_an_error() {
         Err(TokenizerError::UnknownModel(_))
     ));
     assert!(tiny_bpe(&[("tokenizer.ggml.tokens", s("nope"))]).is_err());
-    assert!(tiny_bpe(&[("tokenizer.ggml.tokens", MetaValue::Array(vec![MetaValue::U8(1)]))]).is_err());
+    assert!(tiny_bpe(&[(
+        "tokenizer.ggml.tokens",
+        MetaValue::Array(vec![MetaValue::U8(1)])
+    )])
+    .is_err());
     assert!(tiny_bpe(&[("tokenizer.ggml.tokens", strs(&["a", "a"]))]).is_err());
     assert!(tiny_bpe(&[("tokenizer.ggml.merges", MetaValue::U32(3))]).is_err());
     assert!(tiny_bpe(&[("tokenizer.ggml.token_type", strs(&["x"]))]).is_err());
-    assert!(tiny_bpe(&[("tokenizer.ggml.scores", MetaValue::Array(vec![MetaValue::F32(0.0)]))]).is_err());
+    assert!(tiny_bpe(&[(
+        "tokenizer.ggml.scores",
+        MetaValue::Array(vec![MetaValue::F32(0.0)])
+    )])
+    .is_err());
     assert!(tiny_bpe(&[("tokenizer.ggml.pre", MetaValue::U32(3))]).is_err());
     // Unknown pre-tokenizer: gpt2 fallback; wrong-typed flags are ignored.
     let t = tiny_bpe(&[
@@ -88,7 +99,11 @@ fn tiny_spm_byte_fallback_and_unknown() {
         ),
         (
             "tokenizer.ggml.scores",
-            MetaValue::Array([0.0, 0.0, 0.0, -1.0, -2.0, -0.5, 0.0, 0.0].map(MetaValue::F32).to_vec()),
+            MetaValue::Array(
+                [0.0, 0.0, 0.0, -1.0, -2.0, -0.5, 0.0, 0.0]
+                    .map(MetaValue::F32)
+                    .to_vec(),
+            ),
         ),
         (
             "tokenizer.ggml.token_type",

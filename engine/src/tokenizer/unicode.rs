@@ -35,7 +35,11 @@ fn table() -> &'static [u8] {
     static TABLE: OnceLock<Vec<u8>> = OnceLock::new();
     TABLE.get_or_init(|| {
         let mut t = vec![DEFINED; MAX_CP];
-        for (pat, flag) in [(r"\p{L}", LETTER), (r"\p{N}", NUMBER), (r"\p{P}", PUNCTUATION)] {
+        for (pat, flag) in [
+            (r"\p{L}", LETTER),
+            (r"\p{N}", NUMBER),
+            (r"\p{P}", PUNCTUATION),
+        ] {
             for (lo, hi) in class_ranges(pat) {
                 for f in &mut t[lo as usize..=(hi as usize).min(MAX_CP - 1)] {
                     *f |= flag;
