@@ -145,24 +145,29 @@ fn tokenizer_gpl3_round_trip_and_speed() {
     let text = gpl3();
     for name in [SMOLLM, GEMMA] {
         let tok = load(name);
-        let t = Instant::now();
         let ids = tok.encode(&text, false, false);
-        let dt = t.elapsed();
         assert!(ids.len() > 5000, "{name}: {} tokens", ids.len());
         assert_eq!(
             tok.decode(&ids),
             text.as_bytes(),
             "{name}: GPL-3 round trip"
         );
-        assert!(dt < Duration::from_millis(100), "{name}: GPL-3 took {dt:?}");
-        // Special-token parsing must not be much slower (Gemma has ~6400 control tokens).
-        let t = Instant::now();
-        let _ = tok.encode(&text, true, true);
-        assert!(
-            t.elapsed() < Duration::from_millis(100),
-            "{name}: parse_special {:?}",
-            t.elapsed()
-        );
+        // Best of 3: the machine is shared, one slow run is not the tokenizer's fault.
+        // Special-token parsing too (Gemma has ~6400 control tokens to look for).
+        for special in [false, true] {
+            let dt = (0..3)
+                .map(|_| {
+                    let t = Instant::now();
+                    let _ = tok.encode(&text, special, special);
+                    t.elapsed()
+                })
+                .min()
+                .unwrap();
+            assert!(
+                dt < Duration::from_millis(100),
+                "{name}: GPL-3 (parse_special {special}) took {dt:?}"
+            );
+        }
     }
 }
 

@@ -393,6 +393,44 @@ impl Tokenizer {
             }
         }
 
+        // Per-model strip attributes (llama.cpp sets them by name; they only affect partitioning).
+        let set_attr = |attrs: &mut Vec<u32>, text: &str, bit: u32, on: bool| {
+            if let Some(&id) = token_to_id.get(text) {
+                let a = &mut attrs[id as usize];
+                *a = if on { *a | bit } else { *a & !bit };
+            }
+        };
+        let general_name = g
+            .get("general.name")
+            .and_then(MetaValue::as_str)
+            .unwrap_or("")
+            .to_lowercase();
+        let arch = g
+            .get("general.architecture")
+            .and_then(MetaValue::as_str)
+            .unwrap_or("");
+        if ["jina-v2-de", "jina-v2-es", "jina-v2-code"]
+            .iter()
+            .any(|p| pre_name.contains(p))
+            || ["nomic-bert-moe", "jina-bert-v3"]
+                .iter()
+                .any(|p| arch.contains(p))
+        {
+            set_attr(&mut attrs, "<mask>", attr::LSTRIP, true);
+        } else if general_name.contains("phi-3") || general_name.contains("phi3") {
+            for a in attrs.iter_mut() {
+                if *a & (attr::CONTROL | attr::USER_DEFINED | attr::UNKNOWN) != 0 {
+                    *a |= attr::RSTRIP;
+                }
+            }
+            set_attr(&mut attrs, "</s>", attr::RSTRIP, true);
+            for t in ["<unk>", "<s>", "<|endoftext|>"] {
+                set_attr(&mut attrs, t, attr::RSTRIP, false);
+            }
+        } else if general_name.contains("modern-bert") {
+            set_attr(&mut attrs, "[MASK]", attr::LSTRIP, true);
+        }
+
         let special = SpecialTokens::new(
             (0..n)
                 .filter(|&i| attrs[i] & (attr::CONTROL | attr::USER_DEFINED | attr::UNKNOWN) != 0)
