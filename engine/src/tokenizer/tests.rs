@@ -121,3 +121,9 @@ fn tiny_spm_byte_fallback_and_unknown() {
     let t = load(&meta).unwrap();
     assert_eq!(t.encode("a a", false, false), [4, 5]);
 }
+
+#[test]
+fn tokenizer_is_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<Tokenizer>();
+}
