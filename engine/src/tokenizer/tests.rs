@@ -51,7 +51,7 @@ fn tiny_bpe_merges_and_specials() {
     assert_eq!(t.encode("<|endoftext|>", false, true), [0]);
     assert_eq!(t.decode(&[3, 5, 0]), b"ab ab<|endoftext|>");
     assert!(t.is_eog(0));
-    // Out-of-range bos falls back to the (valid) default 11? No: 11 >= 6, so none.
+    // bos 99 is out of range and the gpt2 default (11) too: no BOS.
     assert_eq!(t.bos_id(), None);
     assert_eq!(t.token_bytes(1000), b"");
 }
