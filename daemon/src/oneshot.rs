@@ -68,6 +68,16 @@ pub fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// Token ids of `text`, with BOS first iff `bos` (whatever the model's own default).
+fn encode(tokenizer: &Tokenizer, text: &str, bos: bool, special: bool) -> Vec<u32> {
+    let mut ids = Vec::with_capacity(text.len() / 3 + 1);
+    if bos {
+        ids.extend(tokenizer.bos_id());
+    }
+    ids.extend(tokenizer.encode(text, false, special));
+    ids
+}
+
 fn read_text(text: &Option<String>, file: &Option<PathBuf>) -> Result<String> {
     match (text, file) {
         (Some(t), None) => Ok(t.clone()),
@@ -101,7 +111,7 @@ pub fn tokenize(a: TokenizeArgs) -> Result<()> {
     let file = llmsd_engine::gguf::GgufFile::open(&path)?;
     let tokenizer = Tokenizer::from_gguf(&file)?;
     let text = read_text(&a.text, &a.file)?;
-    let ids = tokenizer.encode(&text, a.bos, a.special);
+    let ids = encode(&tokenizer, &text, a.bos, a.special);
     if a.json {
         println!("{}", serde_json::to_string(&ids)?);
     } else {
@@ -152,6 +162,7 @@ pub struct GenerateArgs {
 pub fn generate(a: GenerateArgs) -> Result<()> {
     let l = load(&a.model)?;
     let mut prompt = read_text(&a.prompt, &a.prompt_file)?;
+    let mut add_bos = a.bos;
     if a.chat {
         let template = ChatTemplate::from_gguf(l.model.file())?;
         let messages = [ChatMessage {
@@ -159,8 +170,12 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             content: prompt,
         }];
         prompt = template.render(&messages, true)?;
+        // Templates that open with the BOS text (Gemma's) already carry it.
+        if !template.bos_token().is_empty() && prompt.starts_with(template.bos_token()) {
+            add_bos = false;
+        }
     }
-    let prompt_ids = l.tokenizer.encode(&prompt, a.bos, true);
+    let prompt_ids = encode(&l.tokenizer, &prompt, add_bos, true);
     if prompt_ids.is_empty() {
         bail!("the prompt has no tokens");
     }
@@ -380,7 +395,7 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
     let l = load(&a.model)?;
     let text = std::fs::read_to_string(&a.file)
         .with_context(|| format!("reading {}", a.file.display()))?;
-    let mut ids = l.tokenizer.encode(&text, a.bos, false);
+    let mut ids = encode(&l.tokenizer, &text, a.bos, false);
     if ids.len() < a.tokens {
         bail!(
             "{} has only {} tokens, {} asked for",
