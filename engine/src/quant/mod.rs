@@ -16,6 +16,8 @@ mod avx2;
 mod legacy;
 #[cfg(test)]
 mod tests;
+mod k_quants;
+mod k_quants_avx2;
 mod types;
 
 pub use types::GgmlType;
@@ -85,7 +87,7 @@ fn check_len(ty: GgmlType, n: usize, bytes: usize) -> Result<(), QuantError> {
 }
 
 /// Quantizes one row of f32 activations into `out` (length `ty.row_bytes(x.len())`); `ty` is a
-/// vec_dot type (F32, F16, Q8_0, Q8_1).
+/// vec_dot type (F32, F16, Q8_0, Q8_1, Q8_K).
 pub fn quantize_row(ty: GgmlType, x: &[f32], out: &mut [u8]) -> Result<(), QuantError> {
     use GgmlType::*;
     let f: fn(&[f32], &mut [u8]) = match ty {
@@ -109,6 +111,7 @@ pub fn quantize_row(ty: GgmlType, x: &[f32], out: &mut [u8]) -> Result<(), Quant
             }
             legacy::quantize_row_q8_1
         }
+        Q8_K => k_quants::quantize_row_q8_k,
         other => return Err(QuantError::Unsupported(other)),
     };
     check_len(ty, x.len(), out.len())?;
@@ -124,6 +127,7 @@ pub fn quantize_row_scalar(ty: GgmlType, x: &[f32], out: &mut [u8]) -> Result<()
         F16 => legacy::quantize_row_f16,
         Q8_0 => legacy::quantize_row_q8_0,
         Q8_1 => legacy::quantize_row_q8_1,
+        Q8_K => k_quants::quantize_row_q8_k,
         other => return Err(QuantError::Unsupported(other)),
     };
     check_len(ty, x.len(), out.len())?;
@@ -142,6 +146,9 @@ pub fn dequantize_row(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<(), 
         Q5_0 => legacy::dequantize_row_q5_0,
         Q8_0 => legacy::dequantize_row_q8_0,
         Q8_1 => legacy::dequantize_row_q8_1,
+        Q4_K => k_quants::dequantize_row_q4_k,
+        Q5_K => k_quants::dequantize_row_q5_k,
+        Q6_K => k_quants::dequantize_row_q6_k,
         other => return Err(QuantError::Unsupported(other)),
     };
     check_len(ty, out.len(), data.len())?;
@@ -162,6 +169,9 @@ pub fn vec_dot_fn(ty: GgmlType) -> Result<VecDotFn, QuantError> {
             Q4_1 => Some(avx2::vec_dot_q4_1_q8_1),
             Q5_0 => Some(avx2::vec_dot_q5_0_q8_0),
             Q8_0 => Some(avx2::vec_dot_q8_0_q8_0),
+            Q4_K => Some(k_quants::vec_dot_q4_k_q8_k),
+            Q5_K => Some(k_quants::vec_dot_q5_k_q8_k),
+            Q6_K => Some(k_quants::vec_dot_q6_k_q8_k),
             _ => None,
         };
         if let Some(f) = f {
@@ -181,6 +191,9 @@ pub fn vec_dot_fn_scalar(ty: GgmlType) -> Result<VecDotFn, QuantError> {
         Q4_1 => Ok(legacy::vec_dot_q4_1_q8_1),
         Q5_0 => Ok(legacy::vec_dot_q5_0_q8_0),
         Q8_0 => Ok(legacy::vec_dot_q8_0_q8_0),
+        Q4_K => Ok(k_quants::vec_dot_q4_k_q8_k_scalar),
+        Q5_K => Ok(k_quants::vec_dot_q5_k_q8_k_scalar),
+        Q6_K => Ok(k_quants::vec_dot_q6_k_q8_k_scalar),
         other => Err(QuantError::Unsupported(other)),
     }
 }
