@@ -641,7 +641,10 @@ mod tests {
     }
 
     fn smol() -> ChatTemplate {
-        assert!(Path::new(SMOL).exists(), "{SMOL} missing: run scripts/fetch-models");
+        assert!(
+            Path::new(SMOL).exists(),
+            "{SMOL} missing: run scripts/fetch-models"
+        );
         let g = GgufFile::open(SMOL).unwrap();
         ChatTemplate::from_gguf(&g).unwrap()
     }
@@ -684,7 +687,10 @@ mod tests {
 
     #[test]
     fn chat_gemma_gguf_uses_fallback() {
-        assert!(Path::new(GEMMA).exists(), "{GEMMA} missing: run scripts/fetch-models");
+        assert!(
+            Path::new(GEMMA).exists(),
+            "{GEMMA} missing: run scripts/fetch-models"
+        );
         let g = GgufFile::open(GEMMA).unwrap();
         let t = ChatTemplate::from_gguf(&g).unwrap();
         assert!(t.is_fallback());

@@ -114,7 +114,9 @@ impl ThreadPool {
                 std::hint::spin_loop();
             }
         }
-        self.shared.job.store(std::ptr::null_mut(), Ordering::Release);
+        self.shared
+            .job
+            .store(std::ptr::null_mut(), Ordering::Release);
         let worker_panicked = self.shared.panicked.swap(false, Ordering::AcqRel);
         if let Err(p) = mine {
             std::panic::resume_unwind(p);

@@ -150,7 +150,10 @@ impl ModelConfig {
         let rms_eps = opt_f32("attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5);
         let rope_dims = opt_usize("rope.dimension_count")?.unwrap_or(head_dim);
         if rope_dims > head_dim || rope_dims % 2 != 0 {
-            return Err(invalid(&key("rope.dimension_count"), format!("{rope_dims}")));
+            return Err(invalid(
+                &key("rope.dimension_count"),
+                format!("{rope_dims}"),
+            ));
         }
         let rope_base = opt_f32("rope.freq_base")?.unwrap_or(10_000.0);
         let rope_scale = match opt_f32("rope.scaling.factor")? {

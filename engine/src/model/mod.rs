@@ -46,7 +46,11 @@ pub enum ModelError {
     #[error("token id {id} is outside the vocabulary of {vocab} tokens")]
     TokenOutOfRange { id: u32, vocab: usize },
     #[error("sequence {seq}: starts at position {start} but its cache holds {len} positions")]
-    BadPosition { seq: usize, start: usize, len: usize },
+    BadPosition {
+        seq: usize,
+        start: usize,
+        len: usize,
+    },
     #[error("cache shape {found:?} does not match the model's {expected:?}")]
     CacheShape { expected: KvShape, found: KvShape },
 }
@@ -201,7 +205,8 @@ impl Model {
             return Ok(&s.logits);
         }
         if s.scores.len() < pool.n_threads() {
-            s.scores.resize_with(pool.n_threads(), || Mutex::new(Vec::new()));
+            s.scores
+                .resize_with(pool.n_threads(), || Mutex::new(Vec::new()));
         }
 
         // Embeddings.
@@ -228,9 +233,33 @@ impl Model {
             s.q.resize(n * q_dim, 0.0);
             s.k.resize(n * kv_dim, 0.0);
             s.v.resize(n * v_dim, 0.0);
-            ops::matmul(pool, &lw.wq, self.data(&lw.wq), &s.xn, n, &mut s.act, &mut s.q)?;
-            ops::matmul(pool, &lw.wk, self.data(&lw.wk), &s.xn, n, &mut s.act, &mut s.k)?;
-            ops::matmul(pool, &lw.wv, self.data(&lw.wv), &s.xn, n, &mut s.act, &mut s.v)?;
+            ops::matmul(
+                pool,
+                &lw.wq,
+                self.data(&lw.wq),
+                &s.xn,
+                n,
+                &mut s.act,
+                &mut s.q,
+            )?;
+            ops::matmul(
+                pool,
+                &lw.wk,
+                self.data(&lw.wk),
+                &s.xn,
+                n,
+                &mut s.act,
+                &mut s.k,
+            )?;
+            ops::matmul(
+                pool,
+                &lw.wv,
+                self.data(&lw.wv),
+                &s.xn,
+                n,
+                &mut s.act,
+                &mut s.v,
+            )?;
             if let Some(b) = &lw.bq {
                 ops::add_bias_rows(&mut s.q, b);
             }
@@ -256,10 +285,24 @@ impl Model {
             for t in 0..n {
                 let pos = s.tokens[t].1 as f32 * rope_scale;
                 let q = &mut s.q[t * q_dim..(t + 1) * q_dim];
-                ops::rope(q, cfg.head_dim, pos, inv_freq, cfg.rope_style, &mut s.cos_sin);
+                ops::rope(
+                    q,
+                    cfg.head_dim,
+                    pos,
+                    inv_freq,
+                    cfg.rope_style,
+                    &mut s.cos_sin,
+                );
                 q.iter_mut().for_each(|v| *v *= cfg.attn_scale);
                 let k = &mut s.k[t * kv_dim..(t + 1) * kv_dim];
-                ops::rope(k, cfg.head_dim, pos, inv_freq, cfg.rope_style, &mut s.cos_sin);
+                ops::rope(
+                    k,
+                    cfg.head_dim,
+                    pos,
+                    inv_freq,
+                    cfg.rope_style,
+                    &mut s.cos_sin,
+                );
                 let (seq, p) = s.tokens[t];
                 batch[seq].kv.write(
                     il,
@@ -271,7 +314,15 @@ impl Model {
             s.att.resize(n * att_dim, 0.0);
             self.attention(pool, &*batch, s, il, sliding);
             s.proj.resize(n * d, 0.0);
-            ops::matmul(pool, &lw.wo, self.data(&lw.wo), &s.att, n, &mut s.act, &mut s.proj)?;
+            ops::matmul(
+                pool,
+                &lw.wo,
+                self.data(&lw.wo),
+                &s.att,
+                n,
+                &mut s.act,
+                &mut s.proj,
+            )?;
             if let Some(pn) = &lw.post_attn_norm {
                 ops::rms_norm_rows(&mut s.proj, pn, cfg.rms_eps);
             }
@@ -281,8 +332,24 @@ impl Model {
             ops::rms_norm_into(&mut s.xn, &s.x, &lw.ffn_norm, cfg.rms_eps);
             s.gate.resize(n * cfg.ffn_dim, 0.0);
             s.up.resize(n * cfg.ffn_dim, 0.0);
-            ops::matmul(pool, &lw.ffn_gate, self.data(&lw.ffn_gate), &s.xn, n, &mut s.act, &mut s.gate)?;
-            ops::matmul(pool, &lw.ffn_up, self.data(&lw.ffn_up), &s.xn, n, &mut s.act, &mut s.up)?;
+            ops::matmul(
+                pool,
+                &lw.ffn_gate,
+                self.data(&lw.ffn_gate),
+                &s.xn,
+                n,
+                &mut s.act,
+                &mut s.gate,
+            )?;
+            ops::matmul(
+                pool,
+                &lw.ffn_up,
+                self.data(&lw.ffn_up),
+                &s.xn,
+                n,
+                &mut s.act,
+                &mut s.up,
+            )?;
             match cfg.activation {
                 Activation::SwiGlu => {
                     for (g, &u) in s.gate.iter_mut().zip(&s.up) {
@@ -295,7 +362,15 @@ impl Model {
                     }
                 }
             }
-            ops::matmul(pool, &lw.ffn_down, self.data(&lw.ffn_down), &s.gate, n, &mut s.act, &mut s.proj)?;
+            ops::matmul(
+                pool,
+                &lw.ffn_down,
+                self.data(&lw.ffn_down),
+                &s.gate,
+                n,
+                &mut s.act,
+                &mut s.proj,
+            )?;
             if let Some(pn) = &lw.post_ffn_norm {
                 ops::rms_norm_rows(&mut s.proj, pn, cfg.rms_eps);
             }
@@ -316,7 +391,15 @@ impl Model {
         s.logits.resize(m * cfg.vocab_size, 0.0);
         if m > 0 {
             let out = &w.output;
-            ops::matmul(pool, out, self.data(out), &s.xn, m, &mut s.act, &mut s.logits)?;
+            ops::matmul(
+                pool,
+                out,
+                self.data(out),
+                &s.xn,
+                m,
+                &mut s.act,
+                &mut s.logits,
+            )?;
         }
         Ok(&s.logits)
     }

