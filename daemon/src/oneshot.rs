@@ -51,8 +51,7 @@ struct Loaded {
 
 fn load(arg: &ModelArg) -> Result<Loaded> {
     let path = resolve_model(&arg.model)?;
-    let model =
-        Model::load(&path).with_context(|| format!("loading model {}", path.display()))?;
+    let model = Model::load(&path).with_context(|| format!("loading model {}", path.display()))?;
     let tokenizer = Tokenizer::from_gguf(model.file())
         .with_context(|| format!("loading tokenizer of {}", path.display()))?;
     let threads = arg.threads.unwrap_or_else(default_threads);
@@ -116,7 +115,7 @@ pub fn tokenize(a: TokenizeArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&ids)?);
     } else {
         for id in ids {
-            let piece = String::from_utf8_lossy(&tokenizer.token_bytes(id)).into_owned();
+            let piece = String::from_utf8_lossy(tokenizer.token_bytes(id)).into_owned();
             println!("{id:>8} {piece:?}");
         }
     }
@@ -190,7 +189,11 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     };
     let mut sampler = Sampler::new(params)?;
     let mut stops = StopMatcher::new(a.stop.clone());
-    let capacity = l.model.config.context_length.min(prompt_ids.len() + a.max_tokens);
+    let capacity = l
+        .model
+        .config
+        .context_length
+        .min(prompt_ids.len() + a.max_tokens);
     let mut kv = ContiguousKv::new(l.model.kv_shape(), capacity);
     let mut scratch = Scratch::default();
     let mut history = prompt_ids.clone();
@@ -434,8 +437,7 @@ pub struct InspectArgs {
 
 pub fn inspect(a: InspectArgs) -> Result<()> {
     let path = resolve_model(&a.model.model)?;
-    let model =
-        Model::load(&path).with_context(|| format!("loading model {}", path.display()))?;
+    let model = Model::load(&path).with_context(|| format!("loading model {}", path.display()))?;
     let file = model.file();
     let c = &model.config;
     let mut types: std::collections::BTreeMap<String, (usize, usize)> = Default::default();

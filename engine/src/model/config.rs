@@ -212,7 +212,9 @@ impl ModelConfig {
 
     /// Whether layer `il` attends through the sliding window.
     pub fn is_sliding(&self, il: usize) -> bool {
-        self.sliding_window.is_some() && self.swa_period > 0 && (il + 1) % self.swa_period != 0
+        self.sliding_window.is_some()
+            && self.swa_period > 0
+            && !(il + 1).is_multiple_of(self.swa_period)
     }
 
     /// Width of one token's keys (all kv heads) in one layer.

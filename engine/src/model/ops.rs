@@ -31,7 +31,7 @@ pub fn rms_norm_rows(x: &mut [f32], w: &[f32], eps: f32) {
 pub fn rms_norm(row: &mut [f32], w: &[f32], eps: f32) {
     // Sum in f64 as ggml does: rows are short, and it keeps us closer to the reference.
     let ss: f64 = row.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
-    let scale = (1.0 / ((ss / row.len() as f64) as f32 + eps).sqrt()) as f32;
+    let scale = 1.0 / ((ss / row.len() as f64) as f32 + eps).sqrt();
     for (v, &g) in row.iter_mut().zip(w) {
         *v = *v * scale * g;
     }
