@@ -17,17 +17,31 @@ fn check_tokenize(model_file: &str, reference_file: &str) {
     let r = reference(reference_file);
     for case in r["tokenize"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
-        let got = ids(&json(&llmsd(&["tokenize", "--model", m, "--text", text, "--json"])));
+        let got = ids(&json(&llmsd(&[
+            "tokenize", "--model", m, "--text", text, "--json",
+        ])));
         assert_eq!(got, ids(&case["ids"]), "{model_file}: tokenize {text:?}");
     }
     for case in r["greedy"].as_array().unwrap() {
         let prompt = case["prompt"].as_str().unwrap();
-        let mut args = vec!["tokenize", "--model", m, "--text", prompt, "--special", "--json"];
+        let mut args = vec![
+            "tokenize",
+            "--model",
+            m,
+            "--text",
+            prompt,
+            "--special",
+            "--json",
+        ];
         if case["bos"].as_bool().unwrap() {
             args.push("--bos");
         }
         let got = ids(&json(&llmsd(&args)));
-        assert_eq!(got, ids(&case["prompt_ids"]), "{model_file}: prompt {prompt:?}");
+        assert_eq!(
+            got,
+            ids(&case["prompt_ids"]),
+            "{model_file}: prompt {prompt:?}"
+        );
     }
 }
 
@@ -131,13 +145,24 @@ fn check_logits(model_file: &str, reference_file: &str) {
         agg.mean(),
         agg.worst()
     );
-    assert_eq!(agg.gap1_agree, agg.gap1_steps, "{model_file}: top-1 differs at a clear step");
+    assert_eq!(
+        agg.gap1_agree, agg.gap1_steps,
+        "{model_file}: top-1 differs at a clear step"
+    );
     assert!(
         agg.gap02_agree as f64 >= 0.95 * agg.gap02_steps as f64,
         "{model_file}: top-1 agreement below 95% where gap >= 0.2: {agg:?}"
     );
-    assert!(agg.mean() <= 0.3, "{model_file}: mean |diff| {}", agg.mean());
-    assert!(agg.worst() <= 1.5, "{model_file}: worst |diff| {}", agg.worst());
+    assert!(
+        agg.mean() <= 0.3,
+        "{model_file}: mean |diff| {}",
+        agg.mean()
+    );
+    assert!(
+        agg.worst() <= 1.5,
+        "{model_file}: worst |diff| {}",
+        agg.worst()
+    );
 }
 
 #[test]
@@ -173,7 +198,10 @@ fn check_perplexity(model_file: &str, reference_file: &str) {
     let ours = out["ppl"].as_f64().unwrap();
     let theirs = p["ppl"].as_f64().unwrap();
     let rel = (ours - theirs).abs() / theirs;
-    eprintln!("{model_file}: perplexity {ours:.4} vs llama.cpp {theirs:.4} ({:+.3}%)", 100.0 * (ours - theirs) / theirs);
+    eprintln!(
+        "{model_file}: perplexity {ours:.4} vs llama.cpp {theirs:.4} ({:+.3}%)",
+        100.0 * (ours - theirs) / theirs
+    );
     assert_eq!(out["tokens"].as_u64().unwrap().to_string(), tokens);
     assert!(rel <= 0.01, "{model_file}: perplexity {ours} vs {theirs}");
 }
@@ -192,7 +220,10 @@ fn gemma3_perplexity_matches_llama_cpp() {
 fn greedy_generation_follows_llama_cpp_until_a_near_tie() {
     // Free-running greedy decoding must reproduce llama.cpp's continuation at least up to the
     // first step where its top-2 logits are within 0.5 (where rounding may pick either).
-    for (model_file, reference_file) in [(SMOLLM2, "smollm2_public.json"), (GEMMA3, "gemma3_public.json")] {
+    for (model_file, reference_file) in [
+        (SMOLLM2, "smollm2_public.json"),
+        (GEMMA3, "gemma3_public.json"),
+    ] {
         let model = model(model_file);
         let r = reference(reference_file);
         let case = &r["greedy"][0];
@@ -201,7 +232,9 @@ fn greedy_generation_follows_llama_cpp_until_a_near_tie() {
             .as_array()
             .unwrap()
             .iter()
-            .take_while(|s| s["logits"][0].as_f64().unwrap() - s["logits"][1].as_f64().unwrap() >= 0.5)
+            .take_while(|s| {
+                s["logits"][0].as_f64().unwrap() - s["logits"][1].as_f64().unwrap() >= 0.5
+            })
             .count();
         let mut args = vec![
             "generate",
@@ -220,7 +253,13 @@ fn greedy_generation_follows_llama_cpp_until_a_near_tie() {
         assert_eq!(ids(&out["prompt_ids"]), ids(&case["prompt_ids"]));
         let got = ids(&out["generated_ids"]);
         assert_eq!(got[..safe], expected[..safe], "{model_file}");
-        eprintln!("{model_file}: greedy matches llama.cpp for {} of {} tokens (first near-tie at {safe})",
-            got.iter().zip(&expected).take_while(|(a, b)| a == b).count(), expected.len());
+        eprintln!(
+            "{model_file}: greedy matches llama.cpp for {} of {} tokens (first near-tie at {safe})",
+            got.iter()
+                .zip(&expected)
+                .take_while(|(a, b)| a == b)
+                .count(),
+            expected.len()
+        );
     }
 }

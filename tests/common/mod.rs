@@ -57,7 +57,10 @@ pub fn llmsd_fails(args: &[&str]) -> String {
         .args(args)
         .output()
         .expect("llmsd runs");
-    assert!(!out.status.success(), "llmsd {args:?} unexpectedly succeeded");
+    assert!(
+        !out.status.success(),
+        "llmsd {args:?} unexpectedly succeeded"
+    );
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
