@@ -109,7 +109,10 @@ fn corrupted_real_header_never_panics() {
     }
     // The header alone lacks the tensor data, so only variants whose tensor count was hit can
     // be accepted (with no tensors left to point past the end).
-    assert!(errors > 100, "only {errors} of 120 corrupted headers were refused");
+    assert!(
+        errors > 100,
+        "only {errors} of 120 corrupted headers were refused"
+    );
 }
 
 /// The fuzzer's seed corpus parses (so the fuzzer starts from valid structure).
