@@ -1,5 +1,6 @@
 //! `llmsd`: the LLM system service, and one-shot subcommands over the same engine.
 
+mod bench;
 mod oneshot;
 
 use std::path::PathBuf;
@@ -29,6 +30,8 @@ enum Command {
     Perplexity(oneshot::PerplexityArgs),
     /// Architecture, sizes, tensor types and chat template of a model.
     Inspect(oneshot::InspectArgs),
+    /// Prefill, decode and batched-decode speed of the engine.
+    Bench(bench::BenchArgs),
 }
 
 /// Where the model comes from when `--model` is not given.
@@ -57,6 +60,7 @@ fn main() -> std::process::ExitCode {
         Command::Logits(a) => oneshot::logits(a),
         Command::Perplexity(a) => oneshot::perplexity(a),
         Command::Inspect(a) => oneshot::inspect(a),
+        Command::Bench(a) => bench::bench(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -43,13 +43,13 @@ pub fn resolve_model(arg: &Option<PathBuf>) -> Result<PathBuf> {
         })
 }
 
-struct Loaded {
-    model: Model,
-    tokenizer: Tokenizer,
-    pool: ThreadPool,
+pub struct Loaded {
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+    pub pool: ThreadPool,
 }
 
-fn load(arg: &ModelArg) -> Result<Loaded> {
+pub fn load(arg: &ModelArg) -> Result<Loaded> {
     let path = resolve_model(&arg.model)?;
     let model = Model::load(&path).with_context(|| format!("loading model {}", path.display()))?;
     let tokenizer = Tokenizer::from_gguf(model.file())

@@ -1,7 +1,7 @@
 //! The elementwise and matrix ops of a decoder forward pass, over row-major f32 activations.
 
 use crate::pool::{split_range, DisjointSlice, ThreadPool};
-use crate::quant::{self, GgmlType, VecDotFn};
+use crate::quant::{self, Gemm, GgmlType};
 
 use super::config::RopeStyle;
 
@@ -17,8 +17,13 @@ pub struct Matrix {
     pub row_bytes: usize,
     /// Type the activations are quantized to for this matrix's dot products.
     pub act_ty: GgmlType,
-    pub vec_dot: VecDotFn,
+    pub gemm: Gemm,
 }
+
+/// Weight rows per block: a block stays in L1 while every token block passes over it.
+const ROW_BLOCK: usize = 16;
+/// Tokens per block: a block of quantized activations stays in L1/L2 across row blocks.
+const TOK_BLOCK: usize = 32;
 
 /// `out[i] = x[i] / rms(x) * w[i]` for each row of `x` (width `w.len()`), in place.
 pub fn rms_norm_rows(x: &mut [f32], w: &[f32], eps: f32) {
@@ -177,15 +182,27 @@ pub fn matmul(
         }
     }
     let acts: &[u8] = act_buf;
-    let (rows, cols, rb, vec_dot) = (w.rows, w.cols, w.row_bytes, w.vec_dot);
+    let (rows, cols, rb, gemm) = (w.rows, w.cols, w.row_bytes, w.gemm);
     let shared = DisjointSlice::new(out);
     pool.run(&|idx, n_threads| {
-        for r in split_range(rows, n_threads, idx) {
-            let wrow = &w_data[r * rb..(r + 1) * rb];
-            for (t, a) in acts.chunks_exact(act_row).enumerate() {
-                // SAFETY: each (t, r) index belongs to the one thread owning row r.
-                unsafe { shared.write(t * rows + r, vec_dot(cols, wrow, a)) };
+        let mine = split_range(rows, n_threads, idx);
+        let mut tile = [0.0f32; ROW_BLOCK * TOK_BLOCK];
+        let mut r0 = mine.start;
+        while r0 < mine.end {
+            let nr = ROW_BLOCK.min(mine.end - r0);
+            let wblk = &w_data[r0 * rb..(r0 + nr) * rb];
+            for t0 in (0..n).step_by(TOK_BLOCK) {
+                let nt = TOK_BLOCK.min(n - t0);
+                let ablk = &acts[t0 * act_row..(t0 + nt) * act_row];
+                gemm.run(cols, wblk, nr, ablk, nt, &mut tile, nr);
+                for t in 0..nt {
+                    let at = (t0 + t) * rows + r0;
+                    // SAFETY: rows r0..r0+nr belong to this thread alone, for every token.
+                    let dst = unsafe { shared.slice_mut(at..at + nr) };
+                    dst.copy_from_slice(&tile[t * nr..(t + 1) * nr]);
+                }
             }
+            r0 += nr;
         }
     });
     Ok(())

@@ -133,7 +133,7 @@ fn matrix(g: &GgufFile, name: &str, rows: usize, cols: usize) -> Result<Matrix, 
             found: info.dims.clone(),
         });
     }
-    let vec_dot = quant::vec_dot_fn(info.ty).map_err(|_| ModelError::UnsupportedType {
+    let gemm = quant::Gemm::new(info.ty).map_err(|_| ModelError::UnsupportedType {
         tensor: name.to_string(),
         ty: info.ty,
     })?;
@@ -149,7 +149,7 @@ fn matrix(g: &GgufFile, name: &str, rows: usize, cols: usize) -> Result<Matrix, 
         offset: info.offset,
         row_bytes,
         act_ty: quant::vec_dot_type(info.ty),
-        vec_dot,
+        gemm,
     })
 }
 

@@ -13,6 +13,8 @@
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+mod gemm_k;
+mod gemm_legacy;
 mod k_quants;
 mod k_quants_avx2;
 mod legacy;
@@ -196,4 +198,98 @@ pub fn vec_dot_fn_scalar(ty: GgmlType) -> Result<VecDotFn, QuantError> {
         Q6_K => Ok(k_quants::vec_dot_q6_k_q8_k_scalar),
         other => Err(QuantError::Unsupported(other)),
     }
+}
+
+/// Signature of a tile kernel: `out[t * out_stride + r] = dot(w_r, a_t)` for the `n_rows`
+/// weight rows in `w` (each `ty.row_bytes(cols)` bytes, back to back) and the `n_tok`
+/// activation rows in `a` (each `vec_dot_type(ty).row_bytes(cols)` bytes, back to back).
+///
+/// Tile kernels decode each weight block once for several tokens and reuse each activation
+/// block for several rows, which is what makes prefill and batched decode compute-bound instead
+/// of decode-bound. Like [`VecDotFn`] they never allocate, `debug_assert!` their lengths and
+/// never read or write out of bounds.
+pub type TileFn = fn(
+    cols: usize,
+    w: &[u8],
+    n_rows: usize,
+    a: &[u8],
+    n_tok: usize,
+    out: &mut [f32],
+    out_stride: usize,
+);
+
+/// Matrix-product kernels for one weight type: a tile kernel where one exists for this CPU,
+/// else one dot product per (row, token).
+#[derive(Clone, Copy)]
+pub struct Gemm {
+    pub ty: GgmlType,
+    pub vec_dot: VecDotFn,
+    pub tile: Option<TileFn>,
+}
+
+impl std::fmt::Debug for Gemm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gemm")
+            .field("ty", &self.ty)
+            .field("tile", &self.tile.is_some())
+            .finish()
+    }
+}
+
+impl Gemm {
+    /// Best kernels for weights of type `ty` on this CPU.
+    pub fn new(ty: GgmlType) -> Result<Self, QuantError> {
+        Ok(Gemm {
+            ty,
+            vec_dot: vec_dot_fn(ty)?,
+            tile: tile_fn(ty),
+        })
+    }
+
+    /// The reference: scalar dot products, no tile kernel.
+    pub fn scalar(ty: GgmlType) -> Result<Self, QuantError> {
+        Ok(Gemm {
+            ty,
+            vec_dot: vec_dot_fn_scalar(ty)?,
+            tile: None,
+        })
+    }
+
+    /// Runs the tile product described at [`TileFn`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn run(
+        &self,
+        cols: usize,
+        w: &[u8],
+        n_rows: usize,
+        a: &[u8],
+        n_tok: usize,
+        out: &mut [f32],
+        out_stride: usize,
+    ) {
+        if let Some(tile) = self.tile {
+            tile(cols, w, n_rows, a, n_tok, out, out_stride);
+            return;
+        }
+        let (Some(wb), Some(ab)) = (
+            self.ty.row_bytes(cols),
+            vec_dot_type(self.ty).row_bytes(cols),
+        ) else {
+            return;
+        };
+        if wb == 0 || ab == 0 {
+            return;
+        }
+        for (t, arow) in a.chunks_exact(ab).take(n_tok).enumerate() {
+            let orow = out.get_mut(t * out_stride..).unwrap_or_default();
+            for (o, wrow) in orow.iter_mut().zip(w.chunks_exact(wb).take(n_rows)) {
+                *o = (self.vec_dot)(cols, wrow, arow);
+            }
+        }
+    }
+}
+
+/// The tile kernel for weights of type `ty` on this CPU, if there is one.
+pub fn tile_fn(ty: GgmlType) -> Option<TileFn> {
+    gemm_legacy::tile_fn(ty).or_else(|| gemm_k::tile_fn(ty))
 }
