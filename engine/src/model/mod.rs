@@ -84,7 +84,7 @@ pub struct Scratch {
     proj: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
-    act: Vec<u8>,
+    acts: ops::ActBuffers,
     logits: Vec<f32>,
     cos_sin: Vec<(f32, f32)>,
     /// Per-thread attention scores.
@@ -142,6 +142,14 @@ impl Model {
             n_kv_heads: self.config.n_kv_heads,
             head_dim: self.config.head_dim,
             v_head_dim: self.config.v_head_dim,
+        }
+    }
+
+    fn job<'a>(&'a self, m: &'a Matrix, out: &'a mut [f32]) -> ops::MatJob<'a> {
+        ops::MatJob {
+            w: m,
+            data: self.data(m),
+            out,
         }
     }
 
@@ -233,32 +241,16 @@ impl Model {
             s.q.resize(n * q_dim, 0.0);
             s.k.resize(n * kv_dim, 0.0);
             s.v.resize(n * v_dim, 0.0);
-            ops::matmul(
+            ops::matmul_many(
                 pool,
-                &lw.wq,
-                self.data(&lw.wq),
+                &mut [
+                    self.job(&lw.wq, &mut s.q),
+                    self.job(&lw.wk, &mut s.k),
+                    self.job(&lw.wv, &mut s.v),
+                ],
                 &s.xn,
                 n,
-                &mut s.act,
-                &mut s.q,
-            )?;
-            ops::matmul(
-                pool,
-                &lw.wk,
-                self.data(&lw.wk),
-                &s.xn,
-                n,
-                &mut s.act,
-                &mut s.k,
-            )?;
-            ops::matmul(
-                pool,
-                &lw.wv,
-                self.data(&lw.wv),
-                &s.xn,
-                n,
-                &mut s.act,
-                &mut s.v,
+                &mut s.acts,
             )?;
             if let Some(b) = &lw.bq {
                 ops::add_bias_rows(&mut s.q, b);
@@ -320,7 +312,7 @@ impl Model {
                 self.data(&lw.wo),
                 &s.att,
                 n,
-                &mut s.act,
+                &mut s.acts,
                 &mut s.proj,
             )?;
             if let Some(pn) = &lw.post_attn_norm {
@@ -332,23 +324,15 @@ impl Model {
             ops::rms_norm_into(&mut s.xn, &s.x, &lw.ffn_norm, cfg.rms_eps);
             s.gate.resize(n * cfg.ffn_dim, 0.0);
             s.up.resize(n * cfg.ffn_dim, 0.0);
-            ops::matmul(
+            ops::matmul_many(
                 pool,
-                &lw.ffn_gate,
-                self.data(&lw.ffn_gate),
+                &mut [
+                    self.job(&lw.ffn_gate, &mut s.gate),
+                    self.job(&lw.ffn_up, &mut s.up),
+                ],
                 &s.xn,
                 n,
-                &mut s.act,
-                &mut s.gate,
-            )?;
-            ops::matmul(
-                pool,
-                &lw.ffn_up,
-                self.data(&lw.ffn_up),
-                &s.xn,
-                n,
-                &mut s.act,
-                &mut s.up,
+                &mut s.acts,
             )?;
             match cfg.activation {
                 Activation::SwiGlu => {
@@ -368,7 +352,7 @@ impl Model {
                 self.data(&lw.ffn_down),
                 &s.gate,
                 n,
-                &mut s.act,
+                &mut s.acts,
                 &mut s.proj,
             )?;
             if let Some(pn) = &lw.post_ffn_norm {
@@ -397,7 +381,7 @@ impl Model {
                 self.data(out),
                 &s.xn,
                 m,
-                &mut s.act,
+                &mut s.acts,
                 &mut s.logits,
             )?;
         }

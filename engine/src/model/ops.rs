@@ -145,64 +145,156 @@ pub fn rope(
     }
 }
 
-/// `out[t][r] = dot(w[r], x[t])` for `n` token rows of `x` (width `w.cols`): weights stay
-/// quantized, activations are quantized once to `w.act_ty`, rows are split across threads.
+/// One matrix of a (possibly fused) product: its weights and where its result goes,
+/// `out[t * w.rows + r]`.
+pub struct MatJob<'a> {
+    pub w: &'a Matrix,
+    pub data: &'a [u8],
+    pub out: &'a mut [f32],
+}
+
+/// Reusable buffers of quantized activations, one per activation type in use.
+#[derive(Default)]
+pub struct ActBuffers {
+    bufs: Vec<(GgmlType, Vec<u8>)>,
+}
+
+impl ActBuffers {
+    fn get(&self, ty: GgmlType) -> &[u8] {
+        self.bufs
+            .iter()
+            .find(|(t, _)| *t == ty)
+            .map_or(&[][..], |(_, b)| b.as_slice())
+    }
+}
+
+/// Quantizes the `n` rows of `x` (width `cols`) to `ty` into `buf`, split across threads.
+fn quantize_rows(
+    pool: &ThreadPool,
+    ty: GgmlType,
+    x: &[f32],
+    n: usize,
+    cols: usize,
+    buf: &mut Vec<u8>,
+) -> Result<(), quant::QuantError> {
+    let act_row = ty
+        .row_bytes(cols)
+        .ok_or(quant::QuantError::Unsupported(ty))?;
+    buf.resize(n * act_row, 0);
+    if n == 1 {
+        return quant::quantize_row(ty, x, buf);
+    }
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let shared = DisjointSlice::new(buf.as_mut_slice());
+    pool.for_ranges(n, &|toks| {
+        // SAFETY: token ranges are disjoint, so are their activation rows.
+        let dst = unsafe { shared.slice_mut(toks.start * act_row..toks.end * act_row) };
+        for (t, d) in toks.zip(dst.chunks_exact_mut(act_row)) {
+            if quant::quantize_row(ty, &x[t * cols..(t + 1) * cols], d).is_err() {
+                failed.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    });
+    if failed.into_inner() {
+        return Err(quant::QuantError::Unsupported(ty));
+    }
+    Ok(())
+}
+
+/// `out[t][r] = dot(w[r], x[t])` for `n` token rows of `x` (width `w.cols`).
 pub fn matmul(
     pool: &ThreadPool,
     w: &Matrix,
     w_data: &[u8],
     x: &[f32],
     n: usize,
-    act_buf: &mut Vec<u8>,
+    acts: &mut ActBuffers,
     out: &mut [f32],
 ) -> Result<(), quant::QuantError> {
-    debug_assert_eq!(x.len(), n * w.cols);
-    debug_assert_eq!(out.len(), n * w.rows);
-    let act_row = w
-        .act_ty
-        .row_bytes(w.cols)
-        .ok_or(quant::QuantError::Unsupported(w.act_ty))?;
-    act_buf.resize(n * act_row, 0);
-    if n == 1 {
-        quant::quantize_row(w.act_ty, x, act_buf)?;
-    } else {
-        let failed = std::sync::atomic::AtomicBool::new(false);
-        let shared = DisjointSlice::new(act_buf.as_mut_slice());
-        pool.for_ranges(n, &|toks| {
-            // SAFETY: token ranges are disjoint, so are their activation rows.
-            let dst = unsafe { shared.slice_mut(toks.start * act_row..toks.end * act_row) };
-            for (t, d) in toks.zip(dst.chunks_exact_mut(act_row)) {
-                if quant::quantize_row(w.act_ty, &x[t * w.cols..(t + 1) * w.cols], d).is_err() {
-                    failed.store(true, std::sync::atomic::Ordering::Relaxed);
-                }
-            }
-        });
-        if failed.into_inner() {
-            return Err(quant::QuantError::Unsupported(w.act_ty));
+    matmul_many(
+        pool,
+        &mut [MatJob {
+            w,
+            data: w_data,
+            out,
+        }],
+        x,
+        n,
+        acts,
+    )
+}
+
+/// Several products of the same input `x` (`n` rows, width `cols` of every job's matrix) in
+/// one dispatch: weights stay quantized, activations are quantized once per activation type,
+/// and the rows of all jobs together are split across threads, in blocks of rows reused for
+/// every block of tokens.
+pub fn matmul_many(
+    pool: &ThreadPool,
+    jobs: &mut [MatJob<'_>],
+    x: &[f32],
+    n: usize,
+    acts: &mut ActBuffers,
+) -> Result<(), quant::QuantError> {
+    let Some(cols) = jobs.first().map(|j| j.w.cols) else {
+        return Ok(());
+    };
+    debug_assert_eq!(x.len(), n * cols);
+    let mut used = 0;
+    for j in jobs.iter() {
+        debug_assert_eq!(j.w.cols, cols);
+        debug_assert_eq!(j.out.len(), n * j.w.rows);
+        let ty = j.w.act_ty;
+        if acts.bufs[..used].iter().any(|(t, _)| *t == ty) {
+            continue;
         }
+        if acts.bufs.len() <= used {
+            acts.bufs.push((ty, Vec::new()));
+        }
+        acts.bufs[used].0 = ty;
+        quantize_rows(pool, ty, x, n, cols, &mut acts.bufs[used].1)?;
+        used += 1;
     }
-    let acts: &[u8] = act_buf;
-    let (rows, cols, rb, gemm) = (w.rows, w.cols, w.row_bytes, w.gemm);
-    let shared = DisjointSlice::new(out);
+    let acts: &ActBuffers = acts;
+    let total_rows: usize = jobs.iter().map(|j| j.w.rows).sum();
+    let outs: Vec<(&Matrix, &[u8], DisjointSlice<'_, f32>)> = jobs
+        .iter_mut()
+        .map(|j| (j.w, j.data, DisjointSlice::new(&mut *j.out)))
+        .collect();
     pool.run(&|idx, n_threads| {
-        let mine = split_range(rows, n_threads, idx);
+        let mine = split_range(total_rows, n_threads, idx);
         let mut tile = [0.0f32; ROW_BLOCK * TOK_BLOCK];
-        let mut r0 = mine.start;
-        while r0 < mine.end {
-            let nr = ROW_BLOCK.min(mine.end - r0);
-            let wblk = &w_data[r0 * rb..(r0 + nr) * rb];
-            for t0 in (0..n).step_by(TOK_BLOCK) {
-                let nt = TOK_BLOCK.min(n - t0);
-                let ablk = &acts[t0 * act_row..(t0 + nt) * act_row];
-                gemm.run(cols, wblk, nr, ablk, nt, &mut tile, nr);
-                for t in 0..nt {
-                    let at = (t0 + t) * rows + r0;
-                    // SAFETY: rows r0..r0+nr belong to this thread alone, for every token.
-                    let dst = unsafe { shared.slice_mut(at..at + nr) };
-                    dst.copy_from_slice(&tile[t * nr..(t + 1) * nr]);
-                }
+        let mut first = 0;
+        for (w, w_data, out) in &outs {
+            // This thread's share of this job's rows.
+            let (lo, hi) = (
+                mine.start.max(first) - first,
+                mine.end.min(first + w.rows).saturating_sub(first),
+            );
+            first += w.rows;
+            if lo >= hi {
+                continue;
             }
-            r0 += nr;
+            let a = acts.get(w.act_ty);
+            let act_row = a.len() / n;
+            let (rows, rb) = (w.rows, w.row_bytes);
+            let mut r0 = lo;
+            while r0 < hi {
+                let nr = ROW_BLOCK.min(hi - r0);
+                let wblk = &w_data[r0 * rb..(r0 + nr) * rb];
+                for t0 in (0..n).step_by(TOK_BLOCK) {
+                    let nt = TOK_BLOCK.min(n - t0);
+                    let ablk = &a[t0 * act_row..(t0 + nt) * act_row];
+                    w.gemm.run(w.cols, wblk, nr, ablk, nt, &mut tile, nr);
+                    for t in 0..nt {
+                        let at = (t0 + t) * rows + r0;
+                        // SAFETY: rows r0..r0+nr of this job belong to this thread alone, for
+                        // every token.
+                        let dst = unsafe { out.slice_mut(at..at + nr) };
+                        dst.copy_from_slice(&tile[t * nr..(t + 1) * nr]);
+                    }
+                }
+                r0 += nr;
+            }
         }
     });
     Ok(())
