@@ -4,7 +4,8 @@
 //! a decode step has hundreds of ops, so spawning threads or parking on a condvar per op would
 //! cost more than the op. Workers spin on a generation counter for a short while after each op
 //! and only then park, so back-to-back ops start within a microsecond or so, while an idle pool
-//! costs no CPU.
+//! costs no CPU. When the machine has a core per thread, each thread is pinned to its own core
+//! (the OS would otherwise migrate a spinning worker and lose its caches).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
@@ -45,9 +46,22 @@ impl std::fmt::Debug for ThreadPool {
 }
 
 impl ThreadPool {
-    /// A pool running jobs on `n_threads` threads: the caller's and `n_threads - 1` workers.
+    /// A pool running jobs on `n_threads` threads: the caller's and `n_threads - 1` workers,
+    /// pinned to cores 1.. when there are at least `n_threads` cores (see [`Self::with_pinning`]).
     pub fn new(n_threads: usize) -> std::io::Result<Self> {
+        Self::with_pinning(n_threads, true)
+    }
+
+    /// As [`Self::new`]; `pin` says whether workers are pinned to cores. Worker `i` goes to
+    /// core `i` (the calling thread keeps core 0's share, unpinned: it belongs to the caller).
+    pub fn with_pinning(n_threads: usize, pin: bool) -> std::io::Result<Self> {
         let n_threads = n_threads.max(1);
+        let cores = if pin {
+            core_affinity::get_core_ids().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let pin_to = |idx: usize| (cores.len() >= n_threads).then(|| cores[idx]);
         let shared = Arc::new(Shared {
             n_threads,
             generation: AtomicU64::new(0),
@@ -61,9 +75,17 @@ impl ThreadPool {
         let mut workers = Vec::with_capacity(n_threads - 1);
         for idx in 1..n_threads {
             let shared = Arc::clone(&shared);
+            let core = pin_to(idx);
             let handle = std::thread::Builder::new()
                 .name(format!("llmsd-engine-{idx}"))
-                .spawn(move || worker_loop(&shared, idx))?;
+                .spawn(move || {
+                    if let Some(core) = core {
+                        if !core_affinity::set_for_current(core) {
+                            tracing::debug!(idx, "could not pin engine thread");
+                        }
+                    }
+                    worker_loop(&shared, idx)
+                })?;
             workers.push(handle);
         }
         Ok(ThreadPool {
@@ -332,6 +354,16 @@ mod tests {
             count.fetch_add(1, Ordering::Relaxed);
         });
         assert_eq!(count.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn unpinned_pool_works() {
+        let pool = ThreadPool::with_pinning(3, false).unwrap();
+        let count = AtomicUsize::new(0);
+        pool.run(&|_, _| {
+            count.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(count.load(Ordering::Relaxed), 3);
     }
 
     #[test]
