@@ -173,35 +173,48 @@ impl KvCache for ContiguousKv {
         let (kw, vw) = (self.k_width(), self.v_width());
         let visible = query.visible();
         let visible = visible.start..visible.end.min(self.reserved);
+        let n_vis = visible.len();
         let group = query.n_heads / n_kv_heads;
         let keys = &self.keys[query.layer];
         let values = &self.values[query.layer];
-        scores.resize(visible.len(), 0.0);
-        for h in query.heads.clone() {
-            let g = h / group;
-            let q = &query.q[h * head_dim..(h + 1) * head_dim];
-            let mut max = f32::NEG_INFINITY;
-            for (s, p) in scores.iter_mut().zip(visible.clone()) {
+        // Heads sharing a kv head are done together, so each key and value row is read once
+        // per group: scores are laid out [head in group][position].
+        let mut h0 = query.heads.start;
+        while h0 < query.heads.end {
+            let g = h0 / group;
+            let h1 = ((g + 1) * group).min(query.heads.end);
+            let nh = h1 - h0;
+            scores.resize(nh * n_vis, 0.0);
+            for (i, p) in visible.clone().enumerate() {
                 let k = &keys[p * kw + g * head_dim..p * kw + (g + 1) * head_dim];
-                *s = dot(q, k);
-                max = max.max(*s);
-            }
-            let mut sum = 0.0;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            let inv = 1.0 / sum;
-            let oh = h - query.heads.start;
-            let o = &mut out[oh * v_head_dim..(oh + 1) * v_head_dim];
-            o.fill(0.0);
-            for (&s, p) in scores.iter().zip(visible.clone()) {
-                let v = &values[p * vw + g * v_head_dim..p * vw + (g + 1) * v_head_dim];
-                let w = s * inv;
-                for (o, &v) in o.iter_mut().zip(v) {
-                    *o += w * v;
+                for j in 0..nh {
+                    let h = h0 + j;
+                    scores[j * n_vis + i] = dot(&query.q[h * head_dim..(h + 1) * head_dim], k);
                 }
             }
+            for row in scores.chunks_exact_mut(n_vis) {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0;
+                for s in row.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                let inv = 1.0 / sum;
+                row.iter_mut().for_each(|s| *s *= inv);
+            }
+            let first = (h0 - query.heads.start) * v_head_dim;
+            let o = &mut out[first..first + nh * v_head_dim];
+            o.fill(0.0);
+            for (i, p) in visible.clone().enumerate() {
+                let v = &values[p * vw + g * v_head_dim..p * vw + (g + 1) * v_head_dim];
+                for (j, oh) in o.chunks_exact_mut(v_head_dim).enumerate() {
+                    let w = scores[j * n_vis + i];
+                    for (o, &v) in oh.iter_mut().zip(v) {
+                        *o += w * v;
+                    }
+                }
+            }
+            h0 = h1;
         }
     }
 }
@@ -272,6 +285,69 @@ mod tests {
         };
         kv.attend(&query, &mut out[..2], &mut scratch);
         assert_eq!(&out[0..2], &[5.0, 5.0]);
+    }
+
+    /// Grouped attention equals a naive per-head softmax(q·k)·v, for a head range that starts
+    /// and ends inside kv groups, with and without a window.
+    #[test]
+    fn grouped_heads_match_naive_attention() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let shape = KvShape {
+            n_layers: 2,
+            n_kv_heads: 2,
+            head_dim: 8,
+            v_head_dim: 4,
+        };
+        let (n_heads, len) = (6, 23);
+        let mut kv = ContiguousKv::new(shape, 32);
+        kv.reserve(len).unwrap();
+        let mut ks = vec![];
+        let mut vs = vec![];
+        for p in 0..len {
+            let k: Vec<f32> = (0..16).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            let v: Vec<f32> = (0..8).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            kv.write(1, p, &k, &v);
+            ks.push(k);
+            vs.push(v);
+        }
+        kv.set_len(len);
+        let q: Vec<f32> = (0..n_heads * 8).map(|_| rng.gen_range(-2.0..2.0)).collect();
+        for window in [None, Some(5)] {
+            let query = AttnQuery {
+                layer: 1,
+                pos: 20,
+                window,
+                heads: 1..5,
+                q: &q,
+                n_heads,
+            };
+            let mut out = vec![0.0; 4 * 4];
+            kv.attend(&query, &mut out, &mut Vec::new());
+            for h in 1..5 {
+                let g = h / 3;
+                let vis = query.visible();
+                let sc: Vec<f32> = vis
+                    .clone()
+                    .map(|p| dot(&q[h * 8..(h + 1) * 8], &ks[p][g * 8..(g + 1) * 8]))
+                    .collect();
+                let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let e: Vec<f32> = sc.iter().map(|s| (s - max).exp()).collect();
+                let sum: f32 = e.iter().sum();
+                for d in 0..4 {
+                    let want: f32 = vis
+                        .clone()
+                        .zip(&e)
+                        .map(|(p, w)| w / sum * vs[p][g * 4 + d])
+                        .sum();
+                    let got = out[(h - 1) * 4 + d];
+                    assert!(
+                        (got - want).abs() < 1e-5,
+                        "head {h} dim {d}: {got} vs {want}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
