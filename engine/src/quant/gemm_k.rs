@@ -403,4 +403,56 @@ mod tests {
         );
         assert_no_failures(&failures);
     }
+
+    /// Throughput of the tile kernel against one dot per pair, on a caller-sized tile
+    /// (16 rows × 32 tokens, and 8 tokens for batched decode). Run with
+    /// `cargo test --release -p llmsd-engine --lib tile_throughput -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn tile_throughput() {
+        use std::time::Instant;
+        if !crate::quant::k_quants::has_avx2_fma() {
+            return;
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(15);
+        for ty in [GgmlType::Q4_K, GgmlType::Q6_K, GgmlType::Q5_K] {
+            for (cols, n_tok) in [(2048, 32), (1024, 32), (2048, 8)] {
+                let n_rows = 16;
+                let w = random_blocks(ty, n_rows * cols / QK_K, &mut rng);
+                let a = random_acts(cols, n_tok, &mut rng);
+                let tile = tile_fn(ty).unwrap();
+                let dot = crate::quant::vec_dot_fn(ty).unwrap();
+                let wrow = ty.row_bytes(cols).unwrap();
+                let arow = GgmlType::Q8_K.row_bytes(cols).unwrap();
+                let mut out = vec![0f32; n_rows * n_tok];
+                let iters = 400;
+                let macs = (iters * n_rows * n_tok * cols) as f64;
+                let mut best = [f64::MAX; 2];
+                for _ in 0..3 {
+                    let t = Instant::now();
+                    for _ in 0..iters {
+                        tile(cols, &w, n_rows, &a, n_tok, &mut out, n_rows);
+                        std::hint::black_box(&mut out);
+                    }
+                    best[0] = best[0].min(t.elapsed().as_secs_f64());
+                    let t = Instant::now();
+                    for _ in 0..iters {
+                        for (ti, ar) in a.chunks_exact(arow).enumerate() {
+                            for (r, wr) in w.chunks_exact(wrow).enumerate() {
+                                out[ti * n_rows + r] = dot(cols, wr, ar);
+                            }
+                        }
+                        std::hint::black_box(&mut out);
+                    }
+                    best[1] = best[1].min(t.elapsed().as_secs_f64());
+                }
+                eprintln!(
+                    "{ty} cols={cols} 16x{n_tok}: tile {:.2} GMAC/s, per-pair vec_dot {:.2} GMAC/s ({:.2}x)",
+                    macs / best[0] / 1e9,
+                    macs / best[1] / 1e9,
+                    best[1] / best[0]
+                );
+            }
+        }
+    }
 }

@@ -146,10 +146,8 @@ fn unpack<const TY: u8>(wb: &[u8]) -> Unpacked {
             let h3 = _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<6>(bh), m3));
             u.q[4 * h] = _mm256_or_si256(_mm256_and_si256(b1, m4), h0);
             u.q[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(b2, m4), h1);
-            u.q[4 * h + 2] =
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(b1), m4), h2);
-            u.q[4 * h + 3] =
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(b2), m4), h3);
+            u.q[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(b1), m4), h2);
+            u.q[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(b2), m4), h3);
             for i in 0..4 {
                 u.sc[4 * h + i] =
                     _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, pair_spread(4 * h + i)));
@@ -341,13 +339,7 @@ pub(super) fn tile<const TY: u8>(
 
 /// Decode GEMV (one token): one dot product per row with the existing single-row kernels.
 #[target_feature(enable = "avx2,fma")]
-pub(super) fn gemv<const TY: u8>(
-    nb: usize,
-    w: &[u8],
-    n_rows: usize,
-    a: &[u8],
-    out: &mut [f32],
-) {
+pub(super) fn gemv<const TY: u8>(nb: usize, w: &[u8], n_rows: usize, a: &[u8], out: &mut [f32]) {
     let wrow = nb * block_bytes(TY);
     let n = nb * QK_K;
     for (o, wr) in out.iter_mut().zip(w.chunks_exact(wrow)).take(n_rows) {
