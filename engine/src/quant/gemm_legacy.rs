@@ -58,7 +58,10 @@ fn tile<const K: u8>(
     debug_assert_eq!(cols % 32, 0, "{ty}: {cols} columns is not whole blocks");
     debug_assert!(w.len() >= n_rows * w_row, "{ty}: weight tile too short");
     debug_assert!(a.len() >= n_tok * a_row, "{ty}: activation tile too short");
-    debug_assert!(n_tok <= 1 || out_stride >= n_rows, "{ty}: out_stride < n_rows");
+    debug_assert!(
+        n_tok <= 1 || out_stride >= n_rows,
+        "{ty}: out_stride < n_rows"
+    );
     debug_assert!(
         n_tok == 0 || n_rows == 0 || out.len() > (n_tok - 1) * out_stride + n_rows - 1,
         "{ty}: output too short"
@@ -242,7 +245,11 @@ mod tests {
             };
             for (i, blk) in w.chunks_exact_mut(bs).enumerate() {
                 let v = if i % 2 == 0 { 0x80 } else { 0x7F };
-                let v = if ty == GgmlType::Q8_0 { v } else { [0x00, 0xFF][i % 2] };
+                let v = if ty == GgmlType::Q8_0 {
+                    v
+                } else {
+                    [0x00, 0xFF][i % 2]
+                };
                 blk[qs..].fill(v);
             }
             let x: Vec<f32> = (0..cols * 3)
@@ -269,7 +276,10 @@ mod tests {
             // 4 rows × 3 tokens asked, only 5 outputs: rows 0..4 of token 0 and row 0 of token 1.
             f(cols, &w[..w.len() - 1], 4, &a, 3, &mut out, 4);
             assert!(out.iter().all(|v| v.is_finite()));
-            assert_eq!(out[3], SENTINEL, "{ty}: row 3 is incomplete, must stay untouched");
+            assert_eq!(
+                out[3], SENTINEL,
+                "{ty}: row 3 is incomplete, must stay untouched"
+            );
             f(cols, &w, 4, &a[..10], 3, &mut out, 4);
             f(cols, &[], 4, &[], 3, &mut [], 4);
         }
@@ -284,7 +294,10 @@ mod tests {
                 "SmolLM2-135M-Instruct.Q4_1.gguf",
                 &[GgmlType::Q4_1, GgmlType::Q8_0][..],
             ),
-            ("gemma-3-270m-q4_k_m.gguf", &[GgmlType::Q5_0, GgmlType::Q8_0][..]),
+            (
+                "gemma-3-270m-q4_k_m.gguf",
+                &[GgmlType::Q5_0, GgmlType::Q8_0][..],
+            ),
         ] {
             let file = GgufFile::open(model_path(model)).unwrap();
             for info in &file.tensors {
