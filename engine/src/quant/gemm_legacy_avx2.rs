@@ -59,8 +59,9 @@ const fn a_quants(k: u8) -> usize {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn nibbles(p: *const u8) -> __m256i {
     // SAFETY (caller): 16 readable bytes at `p`; unaligned load.
-    let tmp = _mm_loadu_si128(p.cast::<__m128i>());
-    let bytes = _mm256_set_m128i(_mm_srli_epi16::<4>(tmp), tmp);
+    let tmp = _mm256_broadcastsi128_si256(_mm_loadu_si128(p.cast::<__m128i>()));
+    // One variable shift (high lane by 4) instead of a shift and a lane insert.
+    let bytes = _mm256_srlv_epi64(tmp, _mm256_set_epi64x(4, 4, 0, 0));
     _mm256_and_si256(_mm256_set1_epi8(0x0F), bytes)
 }
 
