@@ -1,8 +1,378 @@
-//! Tile kernels (see [`super::TileFn`]) for the legacy block types.
+//! Tile kernels (see [`super::TileFn`]) for the legacy block types: Q4_0, Q4_1, Q5_0 and Q8_0
+//! weights against Q8_0 / Q8_1 activations, on AVX2 + FMA + F16C CPUs (`gemm_legacy_avx2`).
+//!
+//! The safe driver walks the tile in register tiles of 4 rows × 2 tokens (smaller at the edges;
+//! 4 rows × 1 token when decoding a single sequence, four independent weight streams), so each
+//! decoded weight block serves 2 tokens and each activation block 4 rows.
 
 use super::{GgmlType, TileFn};
 
+#[cfg(target_arch = "x86_64")]
+#[path = "gemm_legacy_avx2.rs"]
+mod kernels;
+
 /// The tile kernel for `ty`, if this file has one for this CPU.
-pub(crate) fn tile_fn(_ty: GgmlType) -> Option<TileFn> {
+pub(crate) fn tile_fn(ty: GgmlType) -> Option<TileFn> {
+    #[cfg(target_arch = "x86_64")]
+    if super::avx2::available() {
+        use kernels::{Q4_0, Q4_1, Q5_0, Q8_0};
+        return match ty {
+            GgmlType::Q4_0 => Some(tile::<Q4_0>),
+            GgmlType::Q4_1 => Some(tile::<Q4_1>),
+            GgmlType::Q5_0 => Some(tile::<Q5_0>),
+            GgmlType::Q8_0 => Some(tile::<Q8_0>),
+            _ => None,
+        };
+    }
+    let _ = ty;
     None
+}
+
+#[cfg(target_arch = "x86_64")]
+fn ggml_type(k: u8) -> GgmlType {
+    match k {
+        kernels::Q4_0 => GgmlType::Q4_0,
+        kernels::Q4_1 => GgmlType::Q4_1,
+        kernels::Q5_0 => GgmlType::Q5_0,
+        _ => GgmlType::Q8_0,
+    }
+}
+
+/// The [`TileFn`] for weight kind `K`. Counts are clamped to what the slices hold: rows to
+/// `w.len() / row_bytes`, tokens to `a.len() / act_row_bytes`, and outputs falling outside `out`
+/// are not computed; a partial trailing block of `cols` is ignored (as the dot kernels do).
+#[cfg(target_arch = "x86_64")]
+fn tile<const K: u8>(
+    cols: usize,
+    w: &[u8],
+    n_rows: usize,
+    a: &[u8],
+    n_tok: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    use kernels::{a_block, tile as kern, w_block};
+    let ty = ggml_type(K);
+    let nb = cols / 32;
+    let (w_row, a_row) = (nb * w_block(K), nb * a_block(K));
+    debug_assert_eq!(cols % 32, 0, "{ty}: {cols} columns is not whole blocks");
+    debug_assert!(w.len() >= n_rows * w_row, "{ty}: weight tile too short");
+    debug_assert!(a.len() >= n_tok * a_row, "{ty}: activation tile too short");
+    debug_assert!(
+        n_tok <= 1 || out_stride >= n_rows,
+        "{ty}: out_stride < n_rows"
+    );
+    debug_assert!(
+        n_tok == 0 || n_rows == 0 || out.len() > (n_tok - 1) * out_stride + n_rows - 1,
+        "{ty}: output too short"
+    );
+    let (n_rows, n_tok) = if nb == 0 {
+        (n_rows, n_tok)
+    } else {
+        (n_rows.min(w.len() / w_row), n_tok.min(a.len() / a_row))
+    };
+    if !super::avx2::available() {
+        // Unreachable through `tile_fn`; kept so this safe function is sound for any caller.
+        let dot = super::vec_dot_fn_scalar(ty).expect("legacy type");
+        for t in 0..n_tok {
+            for r in 0..n_rows {
+                if let Some(o) = out.get_mut(t * out_stride + r) {
+                    *o = dot(cols, &w[r * w_row..][..w_row], &a[t * a_row..][..a_row]);
+                }
+            }
+        }
+        return;
+    }
+    let mut r0 = 0;
+    while r0 < n_rows {
+        let nr = (n_rows - r0).min(4);
+        let wt = &w[r0 * w_row..(r0 + nr) * w_row];
+        let mut t0 = 0;
+        while t0 < n_tok {
+            let nt = (n_tok - t0).min(2);
+            let at = &a[t0 * a_row..(t0 + nt) * a_row];
+            let (wp, ap) = (wt.as_ptr(), at.as_ptr());
+            let mut res = [[0.0f32; 2]; 4];
+            macro_rules! run {
+                ($r:literal, $t:literal) => {{
+                    // SAFETY: AVX2/FMA/F16C checked above; `wt` holds `$r` rows of `w_row` =
+                    // `nb` whole blocks and `at` `$t` rows of `a_row` bytes, which is all the
+                    // kernel reads.
+                    let v = unsafe { kern::<K, $r, $t>(nb, wp, w_row, ap, a_row) };
+                    for (dst, src) in res.iter_mut().zip(v) {
+                        dst[..$t].copy_from_slice(&src);
+                    }
+                }};
+            }
+            match (nr, nt) {
+                (4, 2) => run!(4, 2),
+                (4, _) => run!(4, 1),
+                (3, 2) => run!(3, 2),
+                (3, _) => run!(3, 1),
+                (2, 2) => run!(2, 2),
+                (2, _) => run!(2, 1),
+                (_, 2) => run!(1, 2),
+                _ => run!(1, 1),
+            }
+            for t in 0..nt {
+                let base = (t0 + t) * out_stride + r0;
+                for (r, row) in res.iter().enumerate().take(nr) {
+                    if let Some(o) = out.get_mut(base + r) {
+                        *o = row[t];
+                    }
+                }
+            }
+            t0 += nt;
+        }
+        r0 += nr;
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    use super::super::tests::{model_path, quantized, random_activations, random_weights};
+    use super::super::{vec_dot_fn_scalar, vec_dot_type, GgmlType, TileFn};
+    use super::tile_fn;
+    use crate::gguf::GgufFile;
+
+    const TYPES: [GgmlType; 4] = [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q8_0,
+    ];
+    const SENTINEL: f32 = -12345.0;
+
+    fn tile(ty: GgmlType) -> Option<TileFn> {
+        let f = tile_fn(ty);
+        assert_eq!(f.is_some(), super::super::avx2::available(), "{ty}");
+        f
+    }
+
+    /// Runs the tile kernel on `n_rows` rows of `w` × `n_tok` rows of `a` with an out_stride of
+    /// `n_rows + pad` and checks every output against the scalar dot, and the padding untouched.
+    #[allow(clippy::too_many_arguments)]
+    fn check(
+        ty: GgmlType,
+        f: TileFn,
+        cols: usize,
+        w: &[u8],
+        n_rows: usize,
+        a: &[u8],
+        n_tok: usize,
+        pad: usize,
+        what: &str,
+    ) {
+        let (wb, ab) = (
+            ty.row_bytes(cols).unwrap(),
+            vec_dot_type(ty).row_bytes(cols).unwrap(),
+        );
+        let stride = n_rows + pad;
+        let mut out = vec![SENTINEL; stride * n_tok + pad];
+        f(cols, w, n_rows, a, n_tok, &mut out, stride);
+        let scalar = vec_dot_fn_scalar(ty).unwrap();
+        let wd: Vec<Vec<f32>> = (0..n_rows)
+            .map(|r| dequant(ty, &w[r * wb..][..wb], cols))
+            .collect();
+        for t in 0..n_tok {
+            let arow = &a[t * ab..][..ab];
+            let ad = dequant(vec_dot_type(ty), arow, cols);
+            for r in 0..n_rows {
+                let want = scalar(cols, &w[r * wb..][..wb], arow);
+                let got = out[t * stride + r];
+                let sum_abs: f64 = wd[r]
+                    .iter()
+                    .zip(&ad)
+                    .map(|(x, y)| f64::from((x * y).abs()))
+                    .sum();
+                let tol = 1e-4 * sum_abs + 1e-6;
+                assert!(
+                    f64::from((got - want).abs()) <= tol,
+                    "{ty} {what} cols={cols} rows={n_rows} toks={n_tok} (r={r}, t={t}): \
+                     tile {got} vs scalar {want} (tol {tol})"
+                );
+            }
+            for p in n_rows..stride {
+                assert_eq!(out[t * stride + p], SENTINEL, "{ty}: padding written");
+            }
+        }
+        assert!(out[stride * n_tok..].iter().all(|&v| v == SENTINEL));
+    }
+
+    fn dequant(ty: GgmlType, data: &[u8], n: usize) -> Vec<f32> {
+        let mut out = vec![0f32; n];
+        super::super::dequantize_row(ty, data, &mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn quant_gemm_legacy_tile_matches_scalar() {
+        let mut rng = ChaCha8Rng::seed_from_u64(17);
+        for ty in TYPES {
+            let Some(f) = tile(ty) else { continue };
+            for cols in [32, 576, 640, 1536] {
+                let w = random_weights(ty, cols * 17, &mut rng);
+                let a: Vec<u8> = (0..9)
+                    .flat_map(|_| quantized(ty, &random_activations(cols, &mut rng)))
+                    .collect();
+                for n_rows in 1..=17 {
+                    for n_tok in 1..=9 {
+                        let pad = (n_rows + n_tok) % 3;
+                        check(ty, f, cols, &w, n_rows, &a, n_tok, pad, "random");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Extreme quants: every Q8_0 weight -128 or 127, activations ±127, so an i16 saturation or
+    /// a wrong sign would show.
+    #[test]
+    fn quant_gemm_legacy_tile_extremes() {
+        let mut rng = ChaCha8Rng::seed_from_u64(23);
+        for ty in TYPES {
+            let Some(f) = tile(ty) else { continue };
+            let cols = 256;
+            let mut w = random_weights(ty, cols * 5, &mut rng);
+            let (bs, qs) = match ty {
+                GgmlType::Q8_0 => (34, 2),
+                GgmlType::Q5_0 => (22, 2),
+                GgmlType::Q4_1 => (20, 4),
+                _ => (18, 2),
+            };
+            for (i, blk) in w.chunks_exact_mut(bs).enumerate() {
+                let v = if i % 2 == 0 { 0x80 } else { 0x7F };
+                let v = if ty == GgmlType::Q8_0 {
+                    v
+                } else {
+                    [0x00, 0xFF][i % 2]
+                };
+                blk[qs..].fill(v);
+            }
+            let x: Vec<f32> = (0..cols * 3)
+                .map(|i| if (i / 7) % 2 == 0 { 1.0 } else { -1.0 })
+                .collect();
+            let a: Vec<u8> = x.chunks(cols).flat_map(|c| quantized(ty, c)).collect();
+            check(ty, f, cols, &w, 5, &a, 3, 1, "extremes");
+        }
+    }
+
+    /// Release builds: short slices clamp the counts, never panic or write out of bounds.
+    #[cfg(not(debug_assertions))]
+    #[test]
+    fn quant_gemm_legacy_tile_clamps_short_slices() {
+        let mut rng = ChaCha8Rng::seed_from_u64(29);
+        for ty in TYPES {
+            let Some(f) = tile(ty) else { continue };
+            let cols = 64;
+            let w = random_weights(ty, cols * 4, &mut rng);
+            let a: Vec<u8> = (0..3)
+                .flat_map(|_| quantized(ty, &random_activations(cols, &mut rng)))
+                .collect();
+            let mut out = vec![SENTINEL; 5];
+            // 4 rows × 3 tokens asked, only 5 outputs: rows 0..4 of token 0 and row 0 of token 1.
+            f(cols, &w[..w.len() - 1], 4, &a, 3, &mut out, 4);
+            assert!(out.iter().all(|v| v.is_finite()));
+            assert_eq!(
+                out[3], SENTINEL,
+                "{ty}: row 3 is incomplete, must stay untouched"
+            );
+            f(cols, &w, 4, &a[..10], 3, &mut out, 4);
+            f(cols, &[], 4, &[], 3, &mut [], 4);
+        }
+    }
+
+    #[test]
+    fn quant_gemm_legacy_tile_real_tensors() {
+        let mut rng = ChaCha8Rng::seed_from_u64(31);
+        let mut checked = Vec::new();
+        for (model, want) in [
+            (
+                "SmolLM2-135M-Instruct.Q4_1.gguf",
+                &[GgmlType::Q4_1, GgmlType::Q8_0][..],
+            ),
+            (
+                "gemma-3-270m-q4_k_m.gguf",
+                &[GgmlType::Q5_0, GgmlType::Q8_0][..],
+            ),
+        ] {
+            let file = GgufFile::open(model_path(model)).unwrap();
+            for info in &file.tensors {
+                if !want.contains(&info.ty) {
+                    continue;
+                }
+                let Some(f) = tile(info.ty) else { continue };
+                let (cols, rows) = (info.n_cols(), info.n_rows());
+                let rb = info.ty.row_bytes(cols).unwrap();
+                let data = file.tensor_data(info);
+                let n_rows = rows.min(11);
+                let r0 = rng.gen_range(0..=rows - n_rows);
+                let w = &data[r0 * rb..(r0 + n_rows) * rb];
+                let a: Vec<u8> = (0..5)
+                    .flat_map(|_| quantized(info.ty, &random_activations(cols, &mut rng)))
+                    .collect();
+                check(info.ty, f, cols, w, n_rows, &a, 5, 2, &info.name);
+                checked.push(info.ty);
+            }
+        }
+        if super::super::avx2::available() {
+            for ty in [GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0] {
+                assert!(checked.contains(&ty), "no real {ty} tensor checked");
+            }
+        }
+    }
+
+    /// Throughput of the tile kernel against per-pair dots (run by hand:
+    /// `cargo test -p llmsd-engine --release gemm_legacy_bench -- --ignored --nocapture`).
+    #[test]
+    #[ignore = "benchmark, run by hand"]
+    fn quant_gemm_legacy_bench() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let cols = 576;
+        for ty in TYPES {
+            let Some(f) = tile(ty) else { continue };
+            let vd = super::super::vec_dot_fn(ty).unwrap();
+            let (wb, ab) = (
+                ty.row_bytes(cols).unwrap(),
+                vec_dot_type(ty).row_bytes(cols).unwrap(),
+            );
+            let rows = 1536;
+            let w = random_weights(ty, cols * rows, &mut rng);
+            for n_tok in [1usize, 8, 32] {
+                let a: Vec<u8> = (0..n_tok)
+                    .flat_map(|_| quantized(ty, &random_activations(cols, &mut rng)))
+                    .collect();
+                let mut out = vec![0f32; 16 * n_tok];
+                let reps = 2048 / n_tok;
+                for (name, use_tile) in [("tile", true), ("vec_dot", false)] {
+                    let t = std::time::Instant::now();
+                    for _ in 0..reps {
+                        for wblk in w.chunks_exact(16 * wb) {
+                            if use_tile {
+                                f(cols, wblk, 16, &a, n_tok, &mut out, 16);
+                            } else {
+                                for (tk, arow) in a.chunks_exact(ab).enumerate() {
+                                    for (r, wr) in wblk.chunks_exact(wb).enumerate() {
+                                        out[tk * 16 + r] = vd(cols, wr, arow);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    let secs = t.elapsed().as_secs_f64();
+                    let pairs = (reps * rows * n_tok * cols / 32) as f64;
+                    println!(
+                        "{ty:>5} n_tok={n_tok:2} {name:>7}: {:6.2} ns/block-pair, {:6.2} GB/s \
+                         weights (out {})",
+                        secs * 1e9 / pairs,
+                        (reps * w.len()) as f64 / secs / 1e9,
+                        out[0]
+                    );
+                }
+            }
+        }
+    }
 }

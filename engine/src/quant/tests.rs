@@ -27,7 +27,7 @@ fn fixture_dir() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/quant"))
 }
 
-fn model_path(name: &str) -> PathBuf {
+pub(super) fn model_path(name: &str) -> PathBuf {
     let p = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../models")).join(name);
     assert!(
         p.exists(),
@@ -52,7 +52,7 @@ fn rand_val(rng: &mut ChaCha8Rng) -> f32 {
 }
 
 /// `n` elements of random but valid weights of type `ty`: random quants, sane finite scales.
-fn random_weights(ty: GgmlType, n: usize, rng: &mut ChaCha8Rng) -> Vec<u8> {
+pub(super) fn random_weights(ty: GgmlType, n: usize, rng: &mut ChaCha8Rng) -> Vec<u8> {
     let len = ty.row_bytes(n).expect("whole blocks");
     let mut w = vec![0u8; len];
     match ty {
@@ -80,11 +80,11 @@ fn random_weights(ty: GgmlType, n: usize, rng: &mut ChaCha8Rng) -> Vec<u8> {
     w
 }
 
-fn random_activations(n: usize, rng: &mut ChaCha8Rng) -> Vec<f32> {
+pub(super) fn random_activations(n: usize, rng: &mut ChaCha8Rng) -> Vec<f32> {
     (0..n).map(|_| rand_val(rng)).collect()
 }
 
-fn quantized(ty: GgmlType, x: &[f32]) -> Vec<u8> {
+pub(super) fn quantized(ty: GgmlType, x: &[f32]) -> Vec<u8> {
     let vt = vec_dot_type(ty);
     let mut out = vec![0u8; vt.row_bytes(x.len()).unwrap()];
     quantize_row(vt, x, &mut out).unwrap();

@@ -1,0 +1,218 @@
+//! AVX2 + FMA + F16C register-tiled kernels for the legacy block types (see
+//! [`super::super::TileFn`]).
+//!
+//! One kernel, [`tile`], generic over the weight kind `K` and the tile shape `R` rows × `T`
+//! tokens (R ≤ 4, T ≤ 2). Per 32-element block it
+//! - decodes each of the `R` weight blocks once into a ymm of bytes usable as the *unsigned*
+//!   operand of `_mm256_maddubs_epi16` (Q4_1: nibbles 0..15; Q4_0 / Q5_0: the unsigned codes
+//!   0..15 / 0..31, the offset 8 / 16 being subtracted later in i16 as `maddubs(off, y)`;
+//!   Q8_0: `|x|`, the sign moved onto the activation with `_mm256_sign_epi8`),
+//! - computes all `R·T` scale products `d_w·d_a` (and for Q4_1 the min terms `m_w·s_a`) with one
+//!   8-lane multiply: lane `r + 4t` holds the pair (r, t),
+//! - dots the block against each token's activation block (`maddubs` + `madd` with ones, convert,
+//!   one FMA into the pair's float accumulator).
+//!
+//! Horizontal sums happen once per tile, at the end.
+
+use std::arch::x86_64::*;
+
+/// Weight kinds (const generic parameter of [`tile`]).
+pub(super) const Q4_0: u8 = 0;
+pub(super) const Q4_1: u8 = 1;
+pub(super) const Q5_0: u8 = 2;
+pub(super) const Q8_0: u8 = 3;
+
+/// Bytes of one weight block of kind `k`.
+pub(super) const fn w_block(k: u8) -> usize {
+    match k {
+        Q4_0 => 18,
+        Q4_1 => 20,
+        Q5_0 => 22,
+        _ => 34,
+    }
+}
+
+/// Bytes of one activation block (Q8_1 for Q4_1, else Q8_0).
+pub(super) const fn a_block(k: u8) -> usize {
+    if k == Q4_1 {
+        36
+    } else {
+        34
+    }
+}
+
+/// Offset of the quants in an activation block.
+const fn a_quants(k: u8) -> usize {
+    if k == Q4_1 {
+        4
+    } else {
+        2
+    }
+}
+
+/// 16 bytes of nibbles at `p` as 32 bytes 0..15: low nibbles in the low lane (elements 0..16),
+/// high nibbles in the high lane.
+///
+/// # Safety
+/// AVX2; `p` points to at least 16 readable bytes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn nibbles(p: *const u8) -> __m256i {
+    // SAFETY (caller): 16 readable bytes at `p`; unaligned load.
+    let tmp = _mm256_broadcastsi128_si256(_mm_loadu_si128(p.cast::<__m128i>()));
+    // One variable shift (high lane by 4) instead of a shift and a lane insert.
+    let bytes = _mm256_srlv_epi64(tmp, _mm256_set_epi64x(4, 4, 0, 0));
+    _mm256_and_si256(_mm256_set1_epi8(0x0F), bytes)
+}
+
+/// Spreads the 32 bits of `qh` to 32 bytes: 0xFF where the bit is set, 0 elsewhere.
+///
+/// # Safety
+/// AVX2.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn bytes_from_bits_32(qh: u32) -> __m256i {
+    let shuf = _mm256_set_epi64x(
+        0x0303_0303_0303_0303,
+        0x0202_0202_0202_0202,
+        0x0101_0101_0101_0101,
+        0,
+    );
+    let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(qh as i32), shuf);
+    let bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe));
+    _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1))
+}
+
+/// The weight block at `p` as the unsigned operand of `maddubs` (see the module doc).
+///
+/// # Safety
+/// AVX2; `p` points to one whole weight block of kind `K`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn decode<const K: u8>(p: *const u8) -> __m256i {
+    match K {
+        Q4_0 => nibbles(p.add(2)),
+        Q4_1 => nibbles(p.add(4)),
+        Q5_0 => {
+            let qh = std::ptr::read_unaligned(p.add(2).cast::<u32>());
+            let hi = _mm256_and_si256(bytes_from_bits_32(u32::from_le(qh)), _mm256_set1_epi8(16));
+            _mm256_or_si256(nibbles(p.add(6)), hi)
+        }
+        _ => {
+            let x = _mm256_loadu_si256(p.add(2).cast::<__m256i>());
+            _mm256_sign_epi8(x, x)
+        }
+    }
+}
+
+/// Sum of the 8 lanes.
+///
+/// # Safety
+/// AVX2.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hsum(x: __m256) -> f32 {
+    let mut r = _mm256_extractf128_ps::<1>(x);
+    r = _mm_add_ps(r, _mm256_castps256_ps128(x));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    _mm_cvtss_f32(r)
+}
+
+/// `res[r][t] = dot(w_r, a_t)` over `nb` blocks for `R` weight rows starting at `w` (rows
+/// `w_row` bytes apart) and `T` activation rows starting at `a` (`a_row` bytes apart).
+///
+/// # Safety
+/// The CPU supports AVX2, FMA and F16C; `1 <= R <= 4`, `1 <= T <= 2`; for every `r < R` the
+/// bytes `w + r·w_row .. + nb·w_block(K)` and for every `t < T` the bytes
+/// `a + t·a_row .. + nb·a_block(K)` are readable.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn tile<const K: u8, const R: usize, const T: usize>(
+    nb: usize,
+    w: *const u8,
+    w_row: usize,
+    a: *const u8,
+    a_row: usize,
+) -> [[f32; T]; R] {
+    debug_assert!((1..=4).contains(&R) && (1..=2).contains(&T));
+    let wb = w_block(K);
+    let ab = a_block(K);
+    let aq = a_quants(K);
+    let ones = _mm256_set1_epi16(1);
+    let off = _mm256_set1_epi8(if K == Q4_0 { 8 } else { 16 });
+    // Weight scales: the first 4 bytes of each block as 2 f16 ([d, m] for Q4_1, [d, junk]
+    // otherwise) -> lanes [d0 m0 d1 m1 d2 m2 d3 m3]. Activations likewise: [d_t s_t] (junk s
+    // for Q8_0) -> lanes [d0 s0 d1 s1 ..].
+    let w_d = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+    let w_m = _mm256_setr_epi32(1, 3, 5, 7, 1, 3, 5, 7);
+    let (a_d, a_s) = if T == 2 {
+        (
+            _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2),
+            _mm256_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3),
+        )
+    } else {
+        (_mm256_set1_epi32(0), _mm256_set1_epi32(1))
+    };
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    let mut macc = _mm256_setzero_ps();
+    let mut dd = [0.0f32; 8];
+    for b in 0..nb {
+        let mut ws = [0i32; 4];
+        let mut wq = [_mm256_setzero_si256(); R];
+        for r in 0..R {
+            // SAFETY (caller): block b of row r is readable; blocks are >= 18 bytes.
+            let p = w.add(r * w_row + b * wb);
+            ws[r] = std::ptr::read_unaligned(p.cast::<i32>());
+            wq[r] = decode::<K>(p);
+        }
+        let mut at = [0i32; 2];
+        for (t, s) in at.iter_mut().enumerate().take(T) {
+            // SAFETY (caller): block b of token t is readable.
+            *s = std::ptr::read_unaligned(a.add(t * a_row + b * ab).cast::<i32>());
+        }
+        let wv = _mm256_cvtph_ps(_mm_setr_epi32(ws[0], ws[1], ws[2], ws[3]));
+        let av = _mm256_cvtph_ps(_mm_setr_epi32(at[0], at[1], 0, 0));
+        let prod = _mm256_mul_ps(
+            _mm256_permutevar8x32_ps(wv, w_d),
+            _mm256_permutevar8x32_ps(av, a_d),
+        );
+        if K == Q4_1 {
+            macc = _mm256_fmadd_ps(
+                _mm256_permutevar8x32_ps(wv, w_m),
+                _mm256_permutevar8x32_ps(av, a_s),
+                macc,
+            );
+        }
+        _mm256_storeu_ps(dd.as_mut_ptr(), prod);
+        for t in 0..T {
+            // SAFETY (caller): block b of token t is readable; its quants are 32 bytes at `aq`.
+            let pa = a.add(t * a_row + b * ab + aq);
+            let y = _mm256_loadu_si256(pa.cast::<__m256i>());
+            let corr = _mm256_maddubs_epi16(off, y);
+            for r in 0..R {
+                let p16 = match K {
+                    Q4_1 => _mm256_maddubs_epi16(wq[r], y),
+                    Q4_0 | Q5_0 => _mm256_sub_epi16(_mm256_maddubs_epi16(wq[r], y), corr),
+                    _ => {
+                        // SAFETY (caller): block b of row r is readable; quants at offset 2.
+                        let pw = w.add(r * w_row + b * wb + 2);
+                        let x = _mm256_loadu_si256(pw.cast::<__m256i>());
+                        _mm256_maddubs_epi16(wq[r], _mm256_sign_epi8(y, x))
+                    }
+                };
+                let f = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
+                let s = _mm256_broadcast_ss(&dd[r + 4 * t]);
+                acc[r][t] = _mm256_fmadd_ps(f, s, acc[r][t]);
+            }
+        }
+    }
+    let mut mins = [0.0f32; 8];
+    _mm256_storeu_ps(mins.as_mut_ptr(), macc);
+    let mut res = [[0.0f32; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            res[r][t] = hsum(acc[r][t]) + mins[r + 4 * t];
+        }
+    }
+    res
+}
