@@ -55,7 +55,8 @@ pub fn load(arg: &ModelArg) -> Result<Loaded> {
     let tokenizer = Tokenizer::from_gguf(model.file())
         .with_context(|| format!("loading tokenizer of {}", path.display()))?;
     let threads = arg.threads.unwrap_or_else(default_threads);
-    let pool = ThreadPool::new(threads).context("starting engine threads")?;
+    let pool = ThreadPool::with_pinning(threads, std::env::var_os("LLMSD_NO_PIN").is_none())
+        .context("starting engine threads")?;
     Ok(Loaded {
         model,
         tokenizer,

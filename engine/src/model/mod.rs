@@ -412,7 +412,9 @@ impl Model {
         let out = DisjointSlice::new(s.att.as_mut_slice());
         pool.run(&|idx, n_threads| {
             let mut scratch = scores[idx].lock().unwrap_or_else(|e| e.into_inner());
-            for item in crate::pool::split_range(n * splits, n_threads, idx) {
+            // Interleaved: under the causal mask later tokens see more keys, so contiguous
+            // halves would give the last thread most of the work.
+            for item in (idx..n * splits).step_by(n_threads) {
                 let (t, part) = (item / splits, item % splits);
                 let (seq, pos) = tokens[t];
                 let heads = crate::pool::split_range(cfg.n_heads, splits, part);
