@@ -216,3 +216,149 @@ pub(super) unsafe fn tile<const K: u8, const R: usize, const T: usize>(
     }
     res
 }
+
+/// Most blocks of a pre-decoded Q4_1 panel chunk (1536 columns).
+pub(super) const NBC: usize = 48;
+/// Most tokens whose activation scales are pre-converted at once.
+pub(super) const TOKC: usize = 32;
+
+/// A pre-decoded Q4_1 strip of 4 rows × up to [`NBC`] blocks: `q[b][r]` the 32 nibbles of
+/// block `b` of row `r` as bytes 0..15 (layout of [`nibbles`]), `s[b]` = `[d0 d1 d2 d3 m0 m1 m2
+/// m3]` as f32. Rows past the strip's end are zero.
+#[repr(C, align(32))]
+pub(super) struct Panel {
+    q: [[[u8; 32]; 4]; NBC],
+    s: [[f32; 8]; NBC],
+}
+
+impl Default for Panel {
+    fn default() -> Self {
+        Self {
+            q: [[[0; 32]; 4]; NBC],
+            s: [[0.0; 8]; NBC],
+        }
+    }
+}
+
+/// Decodes blocks `0..nbc` of the `nr` Q4_1 rows at `w` (`w_row` bytes apart) into `p`, zeroing
+/// rows `nr..4`.
+///
+/// # Safety
+/// AVX2/FMA/F16C; `nbc <= NBC`, `nr <= 4`; for every `r < nr` the bytes
+/// `w + r·w_row .. + nbc·20` are readable.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn decode_panel_q4_1(
+    nbc: usize,
+    w: *const u8,
+    w_row: usize,
+    nr: usize,
+    p: &mut Panel,
+) {
+    debug_assert!(nbc <= NBC && nr <= 4);
+    for b in 0..nbc.min(NBC) {
+        let mut dm = [0i32; 4];
+        for r in 0..4 {
+            let q = if r < nr {
+                // SAFETY (caller): block b of row r (20 bytes) is readable.
+                let blk = w.add(r * w_row + b * 20);
+                dm[r] = std::ptr::read_unaligned(blk.cast::<i32>());
+                nibbles(blk.add(4))
+            } else {
+                _mm256_setzero_si256()
+            };
+            // SAFETY: `p.q[b][r]` is 32 bytes, 32-aligned (repr align(32), offsets of 32).
+            _mm256_store_si256(p.q[b][r].as_mut_ptr().cast::<__m256i>(), q);
+        }
+        // [d0 m0 d1 m1 d2 m2 d3 m3] -> [d0 d1 d2 d3 m0 m1 m2 m3].
+        let v = _mm256_cvtph_ps(_mm_setr_epi32(dm[0], dm[1], dm[2], dm[3]));
+        let v = _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
+        // SAFETY: `p.s[b]` is 8 f32.
+        _mm256_storeu_ps(p.s[b].as_mut_ptr(), v);
+    }
+}
+
+/// Converts the Q8_1 block headers `[d, s]` (f16) of blocks `0..nbc` of `nt` tokens at `a`
+/// (`a_row` bytes apart) to f32 into `asc[b·TOKC + t]`.
+///
+/// # Safety
+/// AVX2/FMA/F16C; `nbc <= NBC`, `nt <= TOKC`; for every `t < nt` the bytes
+/// `a + t·a_row .. + nbc·36` are readable; `asc` holds `NBC·TOKC` entries.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn act_scales_q8_1(
+    nbc: usize,
+    nt: usize,
+    a: *const u8,
+    a_row: usize,
+    asc: &mut [[f32; 2]],
+) {
+    debug_assert!(nbc <= NBC && nt <= TOKC && asc.len() >= NBC * TOKC);
+    for t in 0..nt.min(TOKC) {
+        for b in 0..nbc.min(NBC) {
+            // SAFETY (caller): block b of token t is readable; its first 4 bytes are [d, s].
+            let h = std::ptr::read_unaligned(a.add(t * a_row + b * 36).cast::<i32>());
+            let v = _mm_cvtph_ps(_mm_cvtsi32_si128(h));
+            let mut ds = [0.0f32; 4];
+            _mm_storeu_ps(ds.as_mut_ptr(), v);
+            if let Some(e) = asc.get_mut(b * TOKC + t) {
+                *e = [ds[0], ds[1]];
+            }
+        }
+    }
+}
+
+/// `res[r][t] = dot(panel row r, a_t)` over blocks `0..nbc` for the 4 rows of `p` and `T`
+/// tokens at `a` (`a_row` bytes apart), whose converted scales are `asc[b·TOKC + t0 + t]`.
+///
+/// # Safety
+/// AVX2/FMA/F16C; `1 <= T <= 2`, `nbc <= NBC`, `t0 + T <= TOKC`; `p` holds blocks `0..nbc`
+/// (see [`decode_panel_q4_1`]); for every `t < T` the bytes `a + t·a_row .. + nbc·36` are
+/// readable; `asc` holds `NBC·TOKC + 1` entries, filled for the tokens used.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn panel_q4_1<const T: usize>(
+    nbc: usize,
+    p: &Panel,
+    a: *const u8,
+    a_row: usize,
+    asc: &[[f32; 2]],
+    t0: usize,
+) -> [[f32; T]; 4] {
+    debug_assert!((1..=2).contains(&T) && nbc <= NBC && t0 + T <= TOKC);
+    debug_assert!(asc.len() > NBC * TOKC);
+    let ones = _mm256_set1_epi16(1);
+    let a_d = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2);
+    let a_s = _mm256_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3);
+    let mut acc = [[_mm256_setzero_ps(); T]; 4];
+    let mut macc = _mm256_setzero_ps();
+    let mut dd = [0.0f32; 8];
+    for b in 0..nbc.min(NBC) {
+        // SAFETY: `p.s[b]` is 8 f32: [d0..d3] then [m0..m3], 16 bytes each.
+        let wd = _mm256_broadcast_ps(&*p.s[b].as_ptr().cast::<__m128>());
+        let wm = _mm256_broadcast_ps(&*p.s[b].as_ptr().add(4).cast::<__m128>());
+        // SAFETY: entries b·TOKC + t0 and the next one (4 f32) are within the NBC·TOKC + 1
+        // entries of `asc` since b < NBC and t0 < TOKC; with T == 1 the second is unused.
+        let av = _mm256_broadcast_ps(&*asc.as_ptr().add(b * TOKC + t0).cast::<__m128>());
+        let prod = _mm256_mul_ps(wd, _mm256_permutevar8x32_ps(av, a_d));
+        macc = _mm256_fmadd_ps(wm, _mm256_permutevar8x32_ps(av, a_s), macc);
+        _mm256_storeu_ps(dd.as_mut_ptr(), prod);
+        for t in 0..T {
+            // SAFETY (caller): block b of token t is readable; its quants are 32 bytes at 4.
+            let y = _mm256_loadu_si256(a.add(t * a_row + b * 36 + 4).cast::<__m256i>());
+            for r in 0..4 {
+                // SAFETY: `p.q[b][r]` is 32 bytes, 32-aligned.
+                let wq = _mm256_load_si256(p.q[b][r].as_ptr().cast::<__m256i>());
+                let f = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wq, y), ones));
+                let s = _mm256_broadcast_ss(&dd[r + 4 * t]);
+                acc[r][t] = _mm256_fmadd_ps(f, s, acc[r][t]);
+            }
+        }
+    }
+    let mut mins = [0.0f32; 8];
+    _mm256_storeu_ps(mins.as_mut_ptr(), macc);
+    let mut res = [[0.0f32; T]; 4];
+    for r in 0..4 {
+        for t in 0..T {
+            res[r][t] = hsum(acc[r][t]) + mins[r + 4 * t];
+        }
+    }
+    res
+}
