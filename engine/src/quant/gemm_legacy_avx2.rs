@@ -306,58 +306,78 @@ pub(super) unsafe fn act_scales_q8_1(
     }
 }
 
-/// `res[r][t] = dot(panel row r, a_t)` over blocks `0..nbc` for the 4 rows of `p` and `T`
-/// tokens at `a` (`a_row` bytes apart), whose converted scales are `asc[b·TOKC + t0 + t]`.
+/// Per token pair `q` (tokens 2q, 2q+1 of `0..nt`) and block `b < nbc`: the scale products
+/// `dd[q·NBC + b] = [d_r·d_2q for r in 0..4, d_r·d_2q+1 for r in 0..4]`, and the min terms
+/// `mins[q] = [Σ_b m_r·s_2q for r in 0..4, Σ_b m_r·s_2q+1 for r in 0..4]`, from the panel `p`
+/// and the activation scales `asc` (see [`act_scales_q8_1`]). With odd `nt` the last pair's
+/// second half is junk.
 ///
 /// # Safety
-/// AVX2/FMA/F16C; `1 <= T <= 2`, `nbc <= NBC`, `t0 + T <= TOKC`; `p` holds blocks `0..nbc`
-/// (see [`decode_panel_q4_1`]); for every `t < T` the bytes `a + t·a_row .. + nbc·36` are
-/// readable; `asc` holds `NBC·TOKC + 1` entries, filled for the tokens used.
+/// AVX2/FMA/F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn panel_scales(
+    nbc: usize,
+    nt: usize,
+    p: &Panel,
+    asc: &[[f32; 2]; NBC * TOKC + 1],
+    dd: &mut [[f32; 8]; NBC * TOKC / 2],
+    mins: &mut [[f32; 8]; TOKC / 2],
+) {
+    let a_d = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2);
+    let a_s = _mm256_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3);
+    let nbc = nbc.min(NBC);
+    for (q, m) in mins.iter_mut().enumerate().take(nt.div_ceil(2)) {
+        let mut macc = _mm256_setzero_ps();
+        for b in 0..nbc {
+            let e = b * TOKC + 2 * q;
+            // `e + 1 <= NBC·TOKC`: the pair's 4 f32 are within `asc`.
+            let av = [asc[e][0], asc[e][1], asc[e + 1][0], asc[e + 1][1]];
+            // SAFETY: 4 f32 / 8 f32 arrays, unaligned loads.
+            let av = _mm256_broadcast_ps(&*av.as_ptr().cast::<__m128>());
+            let wd = _mm256_broadcast_ps(&*p.s[b].as_ptr().cast::<__m128>());
+            let wm = _mm256_broadcast_ps(&*p.s[b].as_ptr().add(4).cast::<__m128>());
+            let prod = _mm256_mul_ps(wd, _mm256_permutevar8x32_ps(av, a_d));
+            macc = _mm256_fmadd_ps(wm, _mm256_permutevar8x32_ps(av, a_s), macc);
+            // SAFETY: q < TOKC/2 and b < NBC, so the entry exists; 8 f32, unaligned store.
+            _mm256_storeu_ps(dd[q * NBC + b].as_mut_ptr(), prod);
+        }
+        _mm256_storeu_ps(m.as_mut_ptr(), macc);
+    }
+}
+
+/// `res[r][t] = Σ_b dd[b][r + 4t] · dot(panel row r block b, a_t block b)` over blocks
+/// `0..dd.len()` for the 4 rows of `p` and `T` tokens at `a` (`a_row` bytes apart).
+///
+/// # Safety
+/// AVX2/FMA/F16C; `1 <= T <= 2`, `dd.len() <= NBC`; `p` holds blocks `0..dd.len()` (see
+/// [`decode_panel_q4_1`]); for every `t < T` the bytes `a + t·a_row .. + dd.len()·36` are
+/// readable.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn panel_q4_1<const T: usize>(
-    nbc: usize,
     p: &Panel,
     a: *const u8,
     a_row: usize,
-    asc: &[[f32; 2]],
-    t0: usize,
+    dd: &[[f32; 8]],
 ) -> [[f32; T]; 4] {
-    debug_assert!((1..=2).contains(&T) && nbc <= NBC && t0 + T <= TOKC);
-    debug_assert!(asc.len() > NBC * TOKC);
+    debug_assert!((1..=2).contains(&T) && dd.len() <= NBC);
     let ones = _mm256_set1_epi16(1);
-    let a_d = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2);
-    let a_s = _mm256_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3);
     let mut acc = [[_mm256_setzero_ps(); T]; 4];
-    let mut macc = _mm256_setzero_ps();
-    let mut dd = [0.0f32; 8];
-    for b in 0..nbc.min(NBC) {
-        // SAFETY: `p.s[b]` is 8 f32: [d0..d3] then [m0..m3], 16 bytes each.
-        let wd = _mm256_broadcast_ps(&*p.s[b].as_ptr().cast::<__m128>());
-        let wm = _mm256_broadcast_ps(&*p.s[b].as_ptr().add(4).cast::<__m128>());
-        // SAFETY: entries b·TOKC + t0 and the next one (4 f32) are within the NBC·TOKC + 1
-        // entries of `asc` since b < NBC and t0 < TOKC; with T == 1 the second is unused.
-        let av = _mm256_broadcast_ps(&*asc.as_ptr().add(b * TOKC + t0).cast::<__m128>());
-        let prod = _mm256_mul_ps(wd, _mm256_permutevar8x32_ps(av, a_d));
-        macc = _mm256_fmadd_ps(wm, _mm256_permutevar8x32_ps(av, a_s), macc);
-        _mm256_storeu_ps(dd.as_mut_ptr(), prod);
+    for ((b, s), q) in dd.iter().enumerate().zip(&p.q) {
         for t in 0..T {
             // SAFETY (caller): block b of token t is readable; its quants are 32 bytes at 4.
             let y = _mm256_loadu_si256(a.add(t * a_row + b * 36 + 4).cast::<__m256i>());
             for r in 0..4 {
-                // SAFETY: `p.q[b][r]` is 32 bytes, 32-aligned.
-                let wq = _mm256_load_si256(p.q[b][r].as_ptr().cast::<__m256i>());
+                // SAFETY: `q[r]` is 32 bytes, 32-aligned.
+                let wq = _mm256_load_si256(q[r].as_ptr().cast::<__m256i>());
                 let f = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wq, y), ones));
-                let s = _mm256_broadcast_ss(&dd[r + 4 * t]);
-                acc[r][t] = _mm256_fmadd_ps(f, s, acc[r][t]);
+                acc[r][t] = _mm256_fmadd_ps(f, _mm256_broadcast_ss(&s[r + 4 * t]), acc[r][t]);
             }
         }
     }
-    let mut mins = [0.0f32; 8];
-    _mm256_storeu_ps(mins.as_mut_ptr(), macc);
     let mut res = [[0.0f32; T]; 4];
     for r in 0..4 {
         for t in 0..T {
-            res[r][t] = hsum(acc[r][t]) + mins[r + 4 * t];
+            res[r][t] = hsum(acc[r][t]);
         }
     }
     res
