@@ -217,8 +217,8 @@ pub(super) unsafe fn tile<const K: u8, const R: usize, const T: usize>(
     res
 }
 
-/// Most blocks of a pre-decoded Q4_1 panel chunk (1536 columns).
-pub(super) const NBC: usize = 48;
+/// Most blocks of a pre-decoded Q4_1 panel chunk (768 columns; the per-strip buffers stay in L1).
+pub(super) const NBC: usize = 24;
 /// Most tokens whose activation scales are pre-converted at once.
 pub(super) const TOKC: usize = 32;
 
@@ -297,10 +297,9 @@ pub(super) unsafe fn act_scales_q8_1(
             // SAFETY (caller): block b of token t is readable; its first 4 bytes are [d, s].
             let h = std::ptr::read_unaligned(a.add(t * a_row + b * 36).cast::<i32>());
             let v = _mm_cvtph_ps(_mm_cvtsi32_si128(h));
-            let mut ds = [0.0f32; 4];
-            _mm_storeu_ps(ds.as_mut_ptr(), v);
             if let Some(e) = asc.get_mut(b * TOKC + t) {
-                *e = [ds[0], ds[1]];
+                // SAFETY: `e` is 2 f32 (8 bytes), unaligned store of the low half.
+                _mm_storel_epi64(e.as_mut_ptr().cast::<__m128i>(), _mm_castps_si128(v));
             }
         }
     }
@@ -329,11 +328,9 @@ pub(super) unsafe fn panel_scales(
     for (q, m) in mins.iter_mut().enumerate().take(nt.div_ceil(2)) {
         let mut macc = _mm256_setzero_ps();
         for b in 0..nbc {
-            let e = b * TOKC + 2 * q;
-            // `e + 1 <= NBC·TOKC`: the pair's 4 f32 are within `asc`.
-            let av = [asc[e][0], asc[e][1], asc[e + 1][0], asc[e + 1][1]];
-            // SAFETY: 4 f32 / 8 f32 arrays, unaligned loads.
-            let av = _mm256_broadcast_ps(&*av.as_ptr().cast::<__m128>());
+            // SAFETY: b < NBC and 2q < TOKC, so entries b·TOKC + 2q and the next one (4 f32,
+            // `[d s d s]` of the pair) are within the NBC·TOKC + 1 entries of `asc`.
+            let av = _mm256_broadcast_ps(&*asc.as_ptr().add(b * TOKC + 2 * q).cast::<__m128>());
             let wd = _mm256_broadcast_ps(&*p.s[b].as_ptr().cast::<__m128>());
             let wm = _mm256_broadcast_ps(&*p.s[b].as_ptr().add(4).cast::<__m128>());
             let prod = _mm256_mul_ps(wd, _mm256_permutevar8x32_ps(av, a_d));
