@@ -148,16 +148,13 @@ fn tile_q4_1_panel(
     out: &mut [f32],
     out_stride: usize,
 ) {
-    use kernels::{act_scales_q8_1, decode_panel_q4_1, panel_q4_1, panel_scales, Panel};
-    use kernels::{NBC, TOKC};
+    use kernels::{act_scales_q8_1, decode_panel_q4_1, panel_q4_1, Panel, NBC, TOKC};
     let (w_row, a_row) = (nb * 20, nb * 36);
     if w.len() < n_rows * w_row || a.len() < n_tok * a_row || !super::avx2::available() {
         return;
     }
     let mut panel = Panel::default();
     let mut asc = [[0.0f32; 2]; NBC * TOKC + 1];
-    let mut dd = [[0.0f32; 8]; NBC * TOKC / 2];
-    let mut mins = [[0.0f32; 8]; TOKC / 2];
     let chunk = nb.div_ceil(nb.div_ceil(NBC));
     for b0 in (0..nb).step_by(chunk) {
         let nbc = chunk.min(nb - b0);
@@ -173,23 +170,18 @@ fn tile_q4_1_panel(
                 let ws = &w[r0 * w_row..(r0 + nr) * w_row];
                 // SAFETY: as above; `ws` holds `nr <= 4` rows of `w_row` bytes, so blocks
                 // b0..b0+nbc of each are readable.
-                unsafe {
-                    decode_panel_q4_1(nbc, ws[b0 * 20..].as_ptr(), w_row, nr, &mut panel);
-                    panel_scales(nbc, ntc, &panel, &asc, &mut dd, &mut mins);
-                }
+                unsafe { decode_panel_q4_1(nbc, ws[b0 * 20..].as_ptr(), w_row, nr, &mut panel) };
                 let mut t = 0;
                 while t < ntc {
                     let nt = 2.min(ntc - t);
                     let ap = ab[t * a_row + b0 * 36..].as_ptr();
-                    let q = t / 2;
-                    let dq = &dd[q * NBC..][..nbc];
                     let mut res = [[0.0f32; 2]; 4];
                     // SAFETY: as above; tokens t..t+nt <= ntc of `ab` hold blocks b0..b0+nbc;
                     // the panel holds blocks 0..nbc.
                     if nt == 2 {
-                        res = unsafe { panel_q4_1::<2>(&panel, ap, a_row, dq) };
+                        res = unsafe { panel_q4_1::<2>(nbc, &panel, ap, a_row, &asc, t) };
                     } else {
-                        let v = unsafe { panel_q4_1::<1>(&panel, ap, a_row, dq) };
+                        let v = unsafe { panel_q4_1::<1>(nbc, &panel, ap, a_row, &asc, t) };
                         for (dst, src) in res.iter_mut().zip(v) {
                             dst[0] = src[0];
                         }
@@ -198,7 +190,7 @@ fn tile_q4_1_panel(
                         let base = tok * out_stride + r0;
                         for (r, row) in res.iter().enumerate().take(nr) {
                             if let Some(o) = out.get_mut(base + r) {
-                                let v = row[tt] + mins[q][r + 4 * tt];
+                                let v = row[tt];
                                 if b0 == 0 {
                                     *o = v;
                                 } else {

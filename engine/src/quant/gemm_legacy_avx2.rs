@@ -305,76 +305,83 @@ pub(super) unsafe fn act_scales_q8_1(
     }
 }
 
-/// Per token pair `q` (tokens 2q, 2q+1 of `0..nt`) and block `b < nbc`: the scale products
-/// `dd[q·NBC + b] = [d_r·d_2q for r in 0..4, d_r·d_2q+1 for r in 0..4]`, and the min terms
-/// `mins[q] = [Σ_b m_r·s_2q for r in 0..4, Σ_b m_r·s_2q+1 for r in 0..4]`, from the panel `p`
-/// and the activation scales `asc` (see [`act_scales_q8_1`]). With odd `nt` the last pair's
-/// second half is junk.
+/// `res[r][t] = dot(panel row r, a_t)` over blocks `0..nbc` for the 4 rows of `p` and `T`
+/// tokens at `a` (`a_row` bytes apart), whose converted scales are `asc[b·TOKC + t0 + t]`.
+///
+/// Both tokens share one accumulator per row: the i16 products of token 0 are folded into the
+/// low lane and those of token 1 into the high lane (`vperm2i128` + add; Q4_1 products stay far
+/// below i16 saturation), so each (row, block) takes one `madd`, one convert and one FMA with the
+/// scale vector `[d_r·d_t0 ×4 | d_r·d_t1 ×4]` for both tokens.
 ///
 /// # Safety
-/// AVX2/FMA/F16C.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn panel_scales(
-    nbc: usize,
-    nt: usize,
-    p: &Panel,
-    asc: &[[f32; 2]; NBC * TOKC + 1],
-    dd: &mut [[f32; 8]; NBC * TOKC / 2],
-    mins: &mut [[f32; 8]; TOKC / 2],
-) {
-    let a_d = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2);
-    let a_s = _mm256_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3);
-    let nbc = nbc.min(NBC);
-    for (q, m) in mins.iter_mut().enumerate().take(nt.div_ceil(2)) {
-        let mut macc = _mm256_setzero_ps();
-        for b in 0..nbc {
-            // SAFETY: b < NBC and 2q < TOKC, so entries b·TOKC + 2q and the next one (4 f32,
-            // `[d s d s]` of the pair) are within the NBC·TOKC + 1 entries of `asc`.
-            let av = _mm256_broadcast_ps(&*asc.as_ptr().add(b * TOKC + 2 * q).cast::<__m128>());
-            let wd = _mm256_broadcast_ps(&*p.s[b].as_ptr().cast::<__m128>());
-            let wm = _mm256_broadcast_ps(&*p.s[b].as_ptr().add(4).cast::<__m128>());
-            let prod = _mm256_mul_ps(wd, _mm256_permutevar8x32_ps(av, a_d));
-            macc = _mm256_fmadd_ps(wm, _mm256_permutevar8x32_ps(av, a_s), macc);
-            // SAFETY: q < TOKC/2 and b < NBC, so the entry exists; 8 f32, unaligned store.
-            _mm256_storeu_ps(dd[q * NBC + b].as_mut_ptr(), prod);
-        }
-        _mm256_storeu_ps(m.as_mut_ptr(), macc);
-    }
-}
-
-/// `res[r][t] = Σ_b dd[b][r + 4t] · dot(panel row r block b, a_t block b)` over blocks
-/// `0..dd.len()` for the 4 rows of `p` and `T` tokens at `a` (`a_row` bytes apart).
-///
-/// # Safety
-/// AVX2/FMA/F16C; `1 <= T <= 2`, `dd.len() <= NBC`; `p` holds blocks `0..dd.len()` (see
-/// [`decode_panel_q4_1`]); for every `t < T` the bytes `a + t·a_row .. + dd.len()·36` are
-/// readable.
+/// AVX2/FMA/F16C; `1 <= T <= 2`, `nbc <= NBC`, `t0 + T <= TOKC`; `p` holds blocks `0..nbc`
+/// (see [`decode_panel_q4_1`]); for every `t < T` the bytes `a + t·a_row .. + nbc·36` are
+/// readable; `asc` was filled for blocks `0..nbc` of tokens `t0..t0 + T`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn panel_q4_1<const T: usize>(
+    nbc: usize,
     p: &Panel,
     a: *const u8,
     a_row: usize,
-    dd: &[[f32; 8]],
+    asc: &[[f32; 2]; NBC * TOKC + 1],
+    t0: usize,
 ) -> [[f32; T]; 4] {
-    debug_assert!((1..=2).contains(&T) && dd.len() <= NBC);
+    debug_assert!((1..=2).contains(&T) && nbc <= NBC && t0 + T <= TOKC);
     let ones = _mm256_set1_epi16(1);
-    let mut acc = [[_mm256_setzero_ps(); T]; 4];
-    for ((b, s), q) in dd.iter().enumerate().zip(&p.q) {
-        for t in 0..T {
-            // SAFETY (caller): block b of token t is readable; its quants are 32 bytes at 4.
-            let y = _mm256_loadu_si256(a.add(t * a_row + b * 36 + 4).cast::<__m256i>());
-            for r in 0..4 {
-                // SAFETY: `q[r]` is 32 bytes, 32-aligned.
-                let wq = _mm256_load_si256(q[r].as_ptr().cast::<__m256i>());
-                let f = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wq, y), ones));
-                acc[r][t] = _mm256_fmadd_ps(f, _mm256_broadcast_ss(&s[r + 4 * t]), acc[r][t]);
-            }
+    let a_d = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2);
+    let a_s = _mm256_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3);
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut macc = _mm256_setzero_ps();
+    let a1 = if T == 2 { a_row } else { 0 };
+    for (b, (q, s)) in p.q.iter().zip(&p.s).enumerate().take(nbc.min(NBC)) {
+        // SAFETY: b < NBC and t0 < TOKC, so entries b·TOKC + t0 and the next one (4 f32) are
+        // within the NBC·TOKC + 1 entries of `asc`; `s` is 8 f32 ([d0..d3] then [m0..m3]).
+        let av = _mm256_broadcast_ps(&*asc.as_ptr().add(b * TOKC + t0).cast::<__m128>());
+        let wd = _mm256_broadcast_ps(&*s.as_ptr().cast::<__m128>());
+        let wm = _mm256_broadcast_ps(&*s.as_ptr().add(4).cast::<__m128>());
+        let (mut ad, mut as_) = (
+            _mm256_permutevar8x32_ps(av, a_d),
+            _mm256_permutevar8x32_ps(av, a_s),
+        );
+        if T == 1 {
+            // The high lane repeats token 0; its scales are zeroed.
+            ad = _mm256_blend_ps::<0xF0>(ad, _mm256_setzero_ps());
+            as_ = _mm256_blend_ps::<0xF0>(as_, _mm256_setzero_ps());
         }
+        let prod = _mm256_mul_ps(wd, ad);
+        macc = _mm256_fmadd_ps(wm, as_, macc);
+        // SAFETY (caller): block b of tokens 0 and (T == 2) 1 is readable; quants at 4.
+        let y0 = _mm256_loadu_si256(a.add(b * 36 + 4).cast::<__m256i>());
+        let y1 = _mm256_loadu_si256(a.add(a1 + b * 36 + 4).cast::<__m256i>());
+        macro_rules! row {
+            ($r:literal, $imm:literal) => {{
+                // SAFETY: `q[$r]` is 32 bytes, 32-aligned.
+                let wq = _mm256_load_si256(q[$r].as_ptr().cast::<__m256i>());
+                let p0 = _mm256_maddubs_epi16(wq, y0);
+                let p1 = _mm256_maddubs_epi16(wq, y1);
+                let lo = _mm256_permute2x128_si256::<0x20>(p0, p1);
+                let hi = _mm256_permute2x128_si256::<0x31>(p0, p1);
+                let f = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_add_epi16(lo, hi), ones));
+                let sc = _mm256_shuffle_ps::<$imm>(prod, prod);
+                acc[$r] = _mm256_fmadd_ps(f, sc, acc[$r]);
+            }};
+        }
+        row!(0, 0x00);
+        row!(1, 0x55);
+        row!(2, 0xAA);
+        row!(3, 0xFF);
     }
+    let mut sums = [[0.0f32; 8]; 4];
+    for (dst, v) in sums.iter_mut().zip(acc) {
+        _mm256_storeu_ps(dst.as_mut_ptr(), v);
+    }
+    let mut mins = [0.0f32; 8];
+    _mm256_storeu_ps(mins.as_mut_ptr(), macc);
     let mut res = [[0.0f32; T]; 4];
     for r in 0..4 {
         for t in 0..T {
-            res[r][t] = hsum(acc[r][t]);
+            let h = &sums[r][4 * t..4 * t + 4];
+            res[r][t] = (h[0] + h[1]) + (h[2] + h[3]) + mins[r + 4 * t];
         }
     }
     res
