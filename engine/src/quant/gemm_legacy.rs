@@ -4,6 +4,10 @@
 //! The safe driver walks the tile in register tiles of 4 rows × 2 tokens (smaller at the edges;
 //! 4 rows × 1 token when decoding a single sequence, four independent weight streams), so each
 //! decoded weight block serves 2 tokens and each activation block 4 rows.
+//!
+//! Q4_1 with 2+ tokens (prefill, batched decode) takes `tile_q4_1_panel` instead: each strip of
+//! 4 rows is decoded once per call into a stack panel of bytes + f32 scales, and the register
+//! tile then runs over every token pair of the call from the pre-decoded panel.
 
 use super::{GgmlType, TileFn};
 
@@ -134,7 +138,8 @@ fn tile<const K: u8>(
 
 /// Q4_1 with several tokens: each strip of 4 rows × up to `NBC` blocks is decoded once into a
 /// stack [`kernels::Panel`] and the activation scales of up to `TOKC` tokens converted once,
-/// then the register tile (4 rows × 2 tokens) runs over the pre-decoded data. Blocks are split
+/// then the register tile (4 rows × 2 tokens, see [`kernels::panel_q4_1`]) runs over the
+/// pre-decoded data. Blocks are split
 /// into equal chunks of at most `NBC`; chunks after the first add into `out`.
 ///
 /// `w` holds exactly `n_rows` rows of `nb` blocks, `a` exactly `n_tok` rows; AVX2 is available.

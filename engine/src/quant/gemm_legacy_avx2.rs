@@ -257,11 +257,11 @@ pub(super) unsafe fn decode_panel_q4_1(
     debug_assert!(nbc <= NBC && nr <= 4);
     for b in 0..nbc.min(NBC) {
         let mut dm = [0i32; 4];
-        for r in 0..4 {
+        for (r, h) in dm.iter_mut().enumerate() {
             let q = if r < nr {
                 // SAFETY (caller): block b of row r (20 bytes) is readable.
                 let blk = w.add(r * w_row + b * 20);
-                dm[r] = std::ptr::read_unaligned(blk.cast::<i32>());
+                *h = std::ptr::read_unaligned(blk.cast::<i32>());
                 nibbles(blk.add(4))
             } else {
                 _mm256_setzero_si256()
