@@ -4,6 +4,10 @@
 //! The safe driver walks the tile in register tiles of 4 rows × 2 tokens (smaller at the edges;
 //! 4 rows × 1 token when decoding a single sequence, four independent weight streams), so each
 //! decoded weight block serves 2 tokens and each activation block 4 rows.
+//!
+//! Q4_1 with 2+ tokens (prefill, batched decode) takes `tile_q4_1_panel` instead: each strip of
+//! 4 rows is decoded once per call into a stack panel of bytes + f32 scales, and the register
+//! tile then runs over every token pair of the call from the pre-decoded panel.
 
 use super::{GgmlType, TileFn};
 
@@ -83,6 +87,10 @@ fn tile<const K: u8>(
         }
         return;
     }
+    if K == kernels::Q4_1 && n_tok >= 2 && nb > 0 {
+        let (w, a) = (&w[..n_rows * w_row], &a[..n_tok * a_row]);
+        return tile_q4_1_panel(nb, w, n_rows, a, n_tok, out, out_stride);
+    }
     let mut r0 = 0;
     while r0 < n_rows {
         let nr = (n_rows - r0).min(4);
@@ -125,6 +133,81 @@ fn tile<const K: u8>(
             t0 += nt;
         }
         r0 += nr;
+    }
+}
+
+/// Q4_1 with several tokens: each strip of 4 rows × up to `NBC` blocks is decoded once into a
+/// stack [`kernels::Panel`] and the activation scales of up to `TOKC` tokens converted once,
+/// then the register tile (4 rows × 2 tokens, see [`kernels::panel_q4_1`]) runs over the
+/// pre-decoded data. Blocks are split
+/// into equal chunks of at most `NBC`; chunks after the first add into `out`.
+///
+/// `w` holds exactly `n_rows` rows of `nb` blocks, `a` exactly `n_tok` rows; AVX2 is available.
+#[cfg(target_arch = "x86_64")]
+fn tile_q4_1_panel(
+    nb: usize,
+    w: &[u8],
+    n_rows: usize,
+    a: &[u8],
+    n_tok: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    use kernels::{act_scales_q8_1, decode_panel_q4_1, panel_q4_1, Panel, NBC, TOKC};
+    let (w_row, a_row) = (nb * 20, nb * 36);
+    if w.len() < n_rows * w_row || a.len() < n_tok * a_row || !super::avx2::available() {
+        return;
+    }
+    let mut panel = Panel::default();
+    let mut asc = [[0.0f32; 2]; NBC * TOKC + 1];
+    let chunk = nb.div_ceil(nb.div_ceil(NBC));
+    for b0 in (0..nb).step_by(chunk) {
+        let nbc = chunk.min(nb - b0);
+        for tc in (0..n_tok).step_by(TOKC) {
+            let ntc = TOKC.min(n_tok - tc);
+            let ab = &a[tc * a_row..(tc + ntc) * a_row];
+            // SAFETY: AVX2/FMA/F16C checked; `ab` holds `ntc <= TOKC` rows of `a_row` bytes, so
+            // blocks b0..b0+nbc (nbc <= NBC) of each are readable; `asc` has NBC·TOKC + 1
+            // entries.
+            unsafe { act_scales_q8_1(nbc, ntc, ab[b0 * 36..].as_ptr(), a_row, &mut asc) };
+            for r0 in (0..n_rows).step_by(4) {
+                let nr = 4.min(n_rows - r0);
+                let ws = &w[r0 * w_row..(r0 + nr) * w_row];
+                // SAFETY: as above; `ws` holds `nr <= 4` rows of `w_row` bytes, so blocks
+                // b0..b0+nbc of each are readable.
+                unsafe { decode_panel_q4_1(nbc, ws[b0 * 20..].as_ptr(), w_row, nr, &mut panel) };
+                let mut t = 0;
+                while t < ntc {
+                    let nt = 2.min(ntc - t);
+                    let ap = ab[t * a_row + b0 * 36..].as_ptr();
+                    let mut res = [[0.0f32; 2]; 4];
+                    // SAFETY: as above; tokens t..t+nt <= ntc of `ab` hold blocks b0..b0+nbc;
+                    // the panel holds blocks 0..nbc.
+                    if nt == 2 {
+                        res = unsafe { panel_q4_1::<2>(nbc, &panel, ap, a_row, &asc, t) };
+                    } else {
+                        let v = unsafe { panel_q4_1::<1>(nbc, &panel, ap, a_row, &asc, t) };
+                        for (dst, src) in res.iter_mut().zip(v) {
+                            dst[0] = src[0];
+                        }
+                    }
+                    for (tt, tok) in (tc + t..tc + t + nt).enumerate() {
+                        let base = tok * out_stride + r0;
+                        for (r, row) in res.iter().enumerate().take(nr) {
+                            if let Some(o) = out.get_mut(base + r) {
+                                let v = row[tt];
+                                if b0 == 0 {
+                                    *o = v;
+                                } else {
+                                    *o += v;
+                                }
+                            }
+                        }
+                    }
+                    t += nt;
+                }
+            }
+        }
     }
 }
 
@@ -225,6 +308,21 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// Q4_1 panel path: several block chunks (cols > 1536) and token chunks (> 32 tokens).
+    #[test]
+    fn quant_gemm_legacy_tile_q4_1_chunks() {
+        let mut rng = ChaCha8Rng::seed_from_u64(41);
+        let ty = GgmlType::Q4_1;
+        let Some(f) = tile(ty) else { return };
+        for (cols, n_rows, n_tok) in [(1600, 6, 37), (3136, 5, 33), (1568, 9, 64)] {
+            let w = random_weights(ty, cols * n_rows, &mut rng);
+            let a: Vec<u8> = (0..n_tok)
+                .flat_map(|_| quantized(ty, &random_activations(cols, &mut rng)))
+                .collect();
+            check(ty, f, cols, &w, n_rows, &a, n_tok, 1, "chunks");
         }
     }
 

@@ -216,3 +216,173 @@ pub(super) unsafe fn tile<const K: u8, const R: usize, const T: usize>(
     }
     res
 }
+
+/// Most blocks of a pre-decoded Q4_1 panel chunk (768 columns; the per-strip buffers stay in L1).
+pub(super) const NBC: usize = 24;
+/// Most tokens whose activation scales are pre-converted at once.
+pub(super) const TOKC: usize = 32;
+
+/// A pre-decoded Q4_1 strip of 4 rows × up to [`NBC`] blocks: `q[b][r]` the 32 nibbles of
+/// block `b` of row `r` as bytes 0..15 (layout of [`nibbles`]), `s[b]` = `[d0 d1 d2 d3 m0 m1 m2
+/// m3]` as f32. Rows past the strip's end are zero.
+#[repr(C, align(32))]
+pub(super) struct Panel {
+    q: [[[u8; 32]; 4]; NBC],
+    s: [[f32; 8]; NBC],
+}
+
+impl Default for Panel {
+    fn default() -> Self {
+        Self {
+            q: [[[0; 32]; 4]; NBC],
+            s: [[0.0; 8]; NBC],
+        }
+    }
+}
+
+/// Decodes blocks `0..nbc` of the `nr` Q4_1 rows at `w` (`w_row` bytes apart) into `p`, zeroing
+/// rows `nr..4`.
+///
+/// # Safety
+/// AVX2/FMA/F16C; `nbc <= NBC`, `nr <= 4`; for every `r < nr` the bytes
+/// `w + r·w_row .. + nbc·20` are readable.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn decode_panel_q4_1(
+    nbc: usize,
+    w: *const u8,
+    w_row: usize,
+    nr: usize,
+    p: &mut Panel,
+) {
+    debug_assert!(nbc <= NBC && nr <= 4);
+    for b in 0..nbc.min(NBC) {
+        let mut dm = [0i32; 4];
+        for (r, h) in dm.iter_mut().enumerate() {
+            let q = if r < nr {
+                // SAFETY (caller): block b of row r (20 bytes) is readable.
+                let blk = w.add(r * w_row + b * 20);
+                *h = std::ptr::read_unaligned(blk.cast::<i32>());
+                nibbles(blk.add(4))
+            } else {
+                _mm256_setzero_si256()
+            };
+            // SAFETY: `p.q[b][r]` is 32 bytes, 32-aligned (repr align(32), offsets of 32).
+            _mm256_store_si256(p.q[b][r].as_mut_ptr().cast::<__m256i>(), q);
+        }
+        // [d0 m0 d1 m1 d2 m2 d3 m3] -> [d0 d1 d2 d3 m0 m1 m2 m3].
+        let v = _mm256_cvtph_ps(_mm_setr_epi32(dm[0], dm[1], dm[2], dm[3]));
+        let v = _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
+        // SAFETY: `p.s[b]` is 8 f32.
+        _mm256_storeu_ps(p.s[b].as_mut_ptr(), v);
+    }
+}
+
+/// Converts the Q8_1 block headers `[d, s]` (f16) of blocks `0..nbc` of `nt` tokens at `a`
+/// (`a_row` bytes apart) to f32 into `asc[b·TOKC + t]`.
+///
+/// # Safety
+/// AVX2/FMA/F16C; `nbc <= NBC`, `nt <= TOKC`; for every `t < nt` the bytes
+/// `a + t·a_row .. + nbc·36` are readable; `asc` holds `NBC·TOKC` entries.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn act_scales_q8_1(
+    nbc: usize,
+    nt: usize,
+    a: *const u8,
+    a_row: usize,
+    asc: &mut [[f32; 2]],
+) {
+    debug_assert!(nbc <= NBC && nt <= TOKC && asc.len() >= NBC * TOKC);
+    for t in 0..nt.min(TOKC) {
+        for b in 0..nbc.min(NBC) {
+            // SAFETY (caller): block b of token t is readable; its first 4 bytes are [d, s].
+            let h = std::ptr::read_unaligned(a.add(t * a_row + b * 36).cast::<i32>());
+            let v = _mm_cvtph_ps(_mm_cvtsi32_si128(h));
+            if let Some(e) = asc.get_mut(b * TOKC + t) {
+                // SAFETY: `e` is 2 f32 (8 bytes), unaligned store of the low half.
+                _mm_storel_epi64(e.as_mut_ptr().cast::<__m128i>(), _mm_castps_si128(v));
+            }
+        }
+    }
+}
+
+/// `res[r][t] = dot(panel row r, a_t)` over blocks `0..nbc` for the 4 rows of `p` and `T`
+/// tokens at `a` (`a_row` bytes apart), whose converted scales are `asc[b·TOKC + t0 + t]`.
+///
+/// Both tokens share one accumulator per row: the i16 products of token 0 are folded into the
+/// low lane and those of token 1 into the high lane (`vperm2i128` + add; Q4_1 products stay far
+/// below i16 saturation), so each (row, block) takes one `madd`, one convert and one FMA with the
+/// scale vector `[d_r·d_t0 ×4 | d_r·d_t1 ×4]` for both tokens.
+///
+/// # Safety
+/// AVX2/FMA/F16C; `1 <= T <= 2`, `nbc <= NBC`, `t0 + T <= TOKC`; `p` holds blocks `0..nbc`
+/// (see [`decode_panel_q4_1`]); for every `t < T` the bytes `a + t·a_row .. + nbc·36` are
+/// readable; `asc` was filled for blocks `0..nbc` of tokens `t0..t0 + T`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn panel_q4_1<const T: usize>(
+    nbc: usize,
+    p: &Panel,
+    a: *const u8,
+    a_row: usize,
+    asc: &[[f32; 2]; NBC * TOKC + 1],
+    t0: usize,
+) -> [[f32; T]; 4] {
+    debug_assert!((1..=2).contains(&T) && nbc <= NBC && t0 + T <= TOKC);
+    let ones = _mm256_set1_epi16(1);
+    let a_d = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2);
+    let a_s = _mm256_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3);
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut macc = _mm256_setzero_ps();
+    let a1 = if T == 2 { a_row } else { 0 };
+    for (b, (q, s)) in p.q.iter().zip(&p.s).enumerate().take(nbc.min(NBC)) {
+        // SAFETY: b < NBC and t0 < TOKC, so entries b·TOKC + t0 and the next one (4 f32) are
+        // within the NBC·TOKC + 1 entries of `asc`; `s` is 8 f32 ([d0..d3] then [m0..m3]).
+        let av = _mm256_broadcast_ps(&*asc.as_ptr().add(b * TOKC + t0).cast::<__m128>());
+        let wd = _mm256_broadcast_ps(&*s.as_ptr().cast::<__m128>());
+        let wm = _mm256_broadcast_ps(&*s.as_ptr().add(4).cast::<__m128>());
+        let (mut ad, mut as_) = (
+            _mm256_permutevar8x32_ps(av, a_d),
+            _mm256_permutevar8x32_ps(av, a_s),
+        );
+        if T == 1 {
+            // The high lane repeats token 0; its scales are zeroed.
+            ad = _mm256_blend_ps::<0xF0>(ad, _mm256_setzero_ps());
+            as_ = _mm256_blend_ps::<0xF0>(as_, _mm256_setzero_ps());
+        }
+        let prod = _mm256_mul_ps(wd, ad);
+        macc = _mm256_fmadd_ps(wm, as_, macc);
+        // SAFETY (caller): block b of tokens 0 and (T == 2) 1 is readable; quants at 4.
+        let y0 = _mm256_loadu_si256(a.add(b * 36 + 4).cast::<__m256i>());
+        let y1 = _mm256_loadu_si256(a.add(a1 + b * 36 + 4).cast::<__m256i>());
+        macro_rules! row {
+            ($r:literal, $imm:literal) => {{
+                // SAFETY: `q[$r]` is 32 bytes, 32-aligned.
+                let wq = _mm256_load_si256(q[$r].as_ptr().cast::<__m256i>());
+                let p0 = _mm256_maddubs_epi16(wq, y0);
+                let p1 = _mm256_maddubs_epi16(wq, y1);
+                let lo = _mm256_permute2x128_si256::<0x20>(p0, p1);
+                let hi = _mm256_permute2x128_si256::<0x31>(p0, p1);
+                let f = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_add_epi16(lo, hi), ones));
+                let sc = _mm256_shuffle_ps::<$imm>(prod, prod);
+                acc[$r] = _mm256_fmadd_ps(f, sc, acc[$r]);
+            }};
+        }
+        row!(0, 0x00);
+        row!(1, 0x55);
+        row!(2, 0xAA);
+        row!(3, 0xFF);
+    }
+    let mut sums = [[0.0f32; 8]; 4];
+    for (dst, v) in sums.iter_mut().zip(acc) {
+        _mm256_storeu_ps(dst.as_mut_ptr(), v);
+    }
+    let mut mins = [0.0f32; 8];
+    _mm256_storeu_ps(mins.as_mut_ptr(), macc);
+    let mut res = [[0.0f32; T]; 4];
+    for r in 0..4 {
+        for t in 0..T {
+            let h = &sums[r][4 * t..4 * t + 4];
+            res[r][t] = (h[0] + h[1]) + (h[2] + h[3]) + mins[r + 4 * t];
+        }
+    }
+    res
+}
