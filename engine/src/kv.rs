@@ -164,6 +164,37 @@ impl KvCache for ContiguousKv {
     }
 
     fn attend(&self, query: &AttnQuery<'_>, out: &mut [f32], scores: &mut Vec<f32>) {
+        #[cfg(target_arch = "x86_64")]
+        if avx2_fma() {
+            // SAFETY: the CPU has AVX2 and FMA (checked just above).
+            unsafe { self.attend_avx2(query, out, scores) };
+            return;
+        }
+        self.attend_impl(query, out, scores);
+    }
+}
+
+/// Whether this CPU runs the AVX2+FMA build of the attention loops (checked once).
+#[cfg(target_arch = "x86_64")]
+fn avx2_fma() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+}
+
+impl ContiguousKv {
+    /// The attention loops compiled for AVX2+FMA: the same code as [`Self::attend_impl`],
+    /// which is inlined here, so the compiler vectorises it 8 wide instead of SSE2's 4.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn attend_avx2(&self, query: &AttnQuery<'_>, out: &mut [f32], scores: &mut Vec<f32>) {
+        self.attend_impl(query, out, scores);
+    }
+
+    #[inline(always)]
+    fn attend_impl(&self, query: &AttnQuery<'_>, out: &mut [f32], scores: &mut Vec<f32>) {
         let KvShape {
             n_kv_heads,
             head_dim,
@@ -219,7 +250,7 @@ impl KvCache for ContiguousKv {
     }
 }
 
-#[inline]
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     // Eight independent accumulators let the compiler vectorise without reassociation.
     let mut acc = [0.0f32; 8];
@@ -346,6 +377,50 @@ mod tests {
                         "head {h} dim {d}: {got} vs {want}"
                     );
                 }
+            }
+        }
+    }
+
+    /// The AVX2 build of the attention loops equals the baseline build.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_attention_matches_baseline() {
+        use rand::{Rng, SeedableRng};
+        if !avx2_fma() {
+            return;
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        let shape = KvShape {
+            n_layers: 1,
+            n_kv_heads: 3,
+            head_dim: 64,
+            v_head_dim: 64,
+        };
+        let mut kv = ContiguousKv::new(shape, 300);
+        kv.reserve(300).unwrap();
+        for p in 0..300 {
+            let k: Vec<f32> = (0..192).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            let v: Vec<f32> = (0..192).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            kv.write(0, p, &k, &v);
+        }
+        kv.set_len(300);
+        let q: Vec<f32> = (0..9 * 64).map(|_| rng.gen_range(-0.5..0.5)).collect();
+        for (pos, window, heads) in [(299, None, 0..9), (150, Some(64), 2..7), (0, None, 4..5)] {
+            let query = AttnQuery {
+                layer: 0,
+                pos,
+                window,
+                heads: heads.clone(),
+                q: &q,
+                n_heads: 9,
+            };
+            let mut a = vec![0.0; heads.len() * 64];
+            let mut b = a.clone();
+            // SAFETY: AVX2 and FMA were checked above.
+            unsafe { kv.attend_avx2(&query, &mut a, &mut Vec::new()) };
+            kv.attend_impl(&query, &mut b, &mut Vec::new());
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{x} vs {y}");
             }
         }
     }
