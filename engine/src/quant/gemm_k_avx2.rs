@@ -22,6 +22,8 @@
 
 use std::arch::x86_64::*;
 
+use crate::quant::k_quants_avx2::{load128, load256};
+
 use crate::quant::k_quants::{
     f16_at, k4_scales_mins, q8k_d, Q4_K_BYTES, Q5_K_BYTES, Q6_K_BYTES, Q8_K_BSUMS, Q8_K_BYTES,
     Q8_K_QS, QK_K,
@@ -61,26 +63,6 @@ struct Unpacked {
     d: f32,
     /// Offset scale (Q4_K/Q5_K: `-dmin`; unused for Q6_K).
     dbias: f32,
-}
-
-/// Loads the 32 bytes at `off` of `b` (bounds-checked; folds away for constant offsets).
-#[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn load256<const N: usize>(b: &[u8; N], off: usize) -> __m256i {
-    assert!(off + 32 <= N);
-    // SAFETY: `off + 32 <= N` was just checked, so the 32 bytes lie inside `b`; `loadu` has no
-    // alignment requirement; AVX is enabled for this function.
-    unsafe { _mm256_loadu_si256(b.as_ptr().add(off).cast()) }
-}
-
-/// Loads the 16 bytes at `off` of `b` (bounds-checked as [`load256`]).
-#[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn load128<const N: usize>(b: &[u8; N], off: usize) -> __m128i {
-    assert!(off + 16 <= N);
-    // SAFETY: `off + 16 <= N` was just checked, so the 16 bytes lie inside `b`; `loadu` has no
-    // alignment requirement; SSE2 is part of x86_64.
-    unsafe { _mm_loadu_si128(b.as_ptr().add(off).cast()) }
 }
 
 /// Sum of the 8 lanes of `x`.

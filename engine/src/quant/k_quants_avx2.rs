@@ -21,7 +21,7 @@ use super::k_quants::{
 /// constant offsets the kernels use).
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn load256<const N: usize>(b: &[u8; N], off: usize) -> __m256i {
+pub(crate) unsafe fn load256<const N: usize>(b: &[u8; N], off: usize) -> __m256i {
     assert!(off + 32 <= N);
     // SAFETY: `off + 32 <= N` was just checked, so the 32 bytes lie inside `b`; `loadu` has no
     // alignment requirement; AVX is enabled for this function.
@@ -31,7 +31,7 @@ unsafe fn load256<const N: usize>(b: &[u8; N], off: usize) -> __m256i {
 /// Loads the 16 bytes at `off` of block `b` (bounds-checked as [`load256`]).
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn load128<const N: usize>(b: &[u8; N], off: usize) -> __m128i {
+pub(crate) unsafe fn load128<const N: usize>(b: &[u8; N], off: usize) -> __m128i {
     assert!(off + 16 <= N);
     // SAFETY: `off + 16 <= N` was just checked, so the 16 bytes lie inside `b`; `loadu` has no
     // alignment requirement; SSE2 is part of x86_64.
