@@ -173,7 +173,7 @@ unsafe fn bytes_from_nibbles_32(q: &[u8]) -> __m256i {
 /// The CPU must support AVX2.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn bytes_from_bits_32(qh: u32) -> __m256i {
+pub(super) unsafe fn bytes_from_bits_32(qh: u32) -> __m256i {
     let shuf = _mm256_set_epi64x(
         0x0303_0303_0303_0303,
         0x0202_0202_0202_0202,

@@ -16,6 +16,8 @@
 
 use std::arch::x86_64::*;
 
+use crate::quant::avx2::bytes_from_bits_32;
+
 /// Weight kinds (const generic parameter of [`tile`]).
 pub(super) const Q4_0: u8 = 0;
 pub(super) const Q4_1: u8 = 1;
@@ -63,24 +65,6 @@ unsafe fn nibbles(p: *const u8) -> __m256i {
     // One variable shift (high lane by 4) instead of a shift and a lane insert.
     let bytes = _mm256_srlv_epi64(tmp, _mm256_set_epi64x(4, 4, 0, 0));
     _mm256_and_si256(_mm256_set1_epi8(0x0F), bytes)
-}
-
-/// Spreads the 32 bits of `qh` to 32 bytes: 0xFF where the bit is set, 0 elsewhere.
-///
-/// # Safety
-/// AVX2.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn bytes_from_bits_32(qh: u32) -> __m256i {
-    let shuf = _mm256_set_epi64x(
-        0x0303_0303_0303_0303,
-        0x0202_0202_0202_0202,
-        0x0101_0101_0101_0101,
-        0,
-    );
-    let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(qh as i32), shuf);
-    let bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe));
-    _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1))
 }
 
 /// The weight block at `p` as the unsigned operand of `maddubs` (see the module doc).
