@@ -13,6 +13,8 @@ pub enum KvError {
     Full { needed: usize, capacity: usize },
     #[error("cache shape mismatch: {0}")]
     Shape(String),
+    #[error("unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// Shape of the per-layer key/value rows a cache must hold.
@@ -83,6 +85,13 @@ pub trait KvCache: Send + Sync {
     /// each head of `query.heads` into `out`, which holds exactly those heads in order
     /// (`out.len() == query.heads.len() * v_head_dim`). `scores` is scratch space.
     fn attend(&self, query: &AttnQuery<'_>, out: &mut [f32], scores: &mut Vec<f32>);
+
+    /// Blocks until `layer`'s entries can be read (a cache restored layer by layer while the
+    /// forward pass runs); the forward pass calls it before each layer's attention.
+    fn wait_layer(&self, layer: usize) -> Result<(), KvError> {
+        let _ = layer;
+        Ok(())
+    }
 }
 
 /// A contiguous f32 cache: per layer, `[position][kv_head][dim]`.
@@ -251,7 +260,7 @@ impl ContiguousKv {
 }
 
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     // Eight independent accumulators let the compiler vectorise without reassociation.
     let mut acc = [0.0f32; 8];
     let (ac, ar) = a.split_at(a.len() / 8 * 8);

@@ -274,6 +274,9 @@ impl Model {
                 &self.inv_freq
             };
             let rope_scale = if sliding { 1.0 } else { cfg.rope_scale };
+            for seq in batch.iter() {
+                seq.kv.wait_layer(il)?;
+            }
             for t in 0..n {
                 let pos = s.tokens[t].1 as f32 * rope_scale;
                 let q = &mut s.q[t * q_dim..(t + 1) * q_dim];

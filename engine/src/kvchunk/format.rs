@@ -1,0 +1,478 @@
+//! Staged (f32) and sealed (quantized) chunks, and the conversions between them.
+
+use std::sync::OnceLock;
+
+use half::f16;
+
+use super::{layer_bytes, BlockLayout, ChunkError, Precision, CHUNK_TOKENS};
+use crate::kv::KvShape;
+
+const T: usize = CHUNK_TOKENS;
+
+/// Full-precision (f32) keys/values of up to 16 tokens, all layers; writable. Used for the open
+/// tail chunk of a context and for chunks being recomputed.
+#[derive(Clone, Debug)]
+pub struct StagedChunk {
+    shape: KvShape,
+    n_tokens: usize,
+    /// Per layer, `[t][kv_head][head_dim]`, 16 rows.
+    keys: Vec<f32>,
+    /// Per layer, `[t][kv_head][v_head_dim]`, 16 rows.
+    values: Vec<f32>,
+}
+
+/// `to_bytes` header: magic, then n_tokens, n_layers, n_kv_heads, head_dim, v_head_dim (u32).
+const STAGED_MAGIC: &[u8; 4] = b"KVS1";
+const STAGED_HEADER: usize = 4 + 5 * 4;
+
+impl StagedChunk {
+    pub fn new(shape: KvShape) -> Self {
+        StagedChunk {
+            shape,
+            n_tokens: 0,
+            keys: vec![0.0; shape.n_layers * T * k_width(shape)],
+            values: vec![0.0; shape.n_layers * T * v_width(shape)],
+        }
+    }
+
+    pub fn shape(&self) -> KvShape {
+        self.shape
+    }
+
+    /// Tokens valid.
+    pub fn n_tokens(&self) -> usize {
+        self.n_tokens
+    }
+
+    /// Sets the number of valid tokens (at most 16).
+    pub fn set_tokens(&mut self, n: usize) {
+        debug_assert!(n <= T);
+        self.n_tokens = n.min(T);
+    }
+
+    /// Stores token `t`'s keys (`n_kv_heads * head_dim`) and values of `layer`. Out-of-range
+    /// arguments are ignored (and assert in debug builds).
+    pub fn write(&mut self, layer: usize, t: usize, k: &[f32], v: &[f32]) {
+        let (kw, vw) = (k_width(self.shape), v_width(self.shape));
+        debug_assert!(layer < self.shape.n_layers && t < T && k.len() == kw && v.len() == vw);
+        if layer >= self.shape.n_layers || t >= T || k.len() != kw || v.len() != vw {
+            return;
+        }
+        let kr = (layer * T + t) * kw;
+        self.keys[kr..kr + kw].copy_from_slice(k);
+        let vr = (layer * T + t) * vw;
+        self.values[vr..vr + vw].copy_from_slice(v);
+    }
+
+    /// Keys of `layer`: `[t][kv_head][head_dim]`, 16 rows (empty if `layer` is out of range).
+    pub fn keys(&self, layer: usize) -> &[f32] {
+        let n = T * k_width(self.shape);
+        self.keys.get(layer * n..(layer + 1) * n).unwrap_or(&[])
+    }
+
+    /// Values of `layer`: `[t][kv_head][v_head_dim]`, 16 rows.
+    pub fn values(&self, layer: usize) -> &[f32] {
+        let n = T * v_width(self.shape);
+        self.values.get(layer * n..(layer + 1) * n).unwrap_or(&[])
+    }
+
+    fn keys_mut(&mut self, layer: usize) -> &mut [f32] {
+        let n = T * k_width(self.shape);
+        &mut self.keys[layer * n..(layer + 1) * n]
+    }
+
+    fn values_mut(&mut self, layer: usize) -> &mut [f32] {
+        let n = T * v_width(self.shape);
+        &mut self.values[layer * n..(layer + 1) * n]
+    }
+
+    /// Exact little-endian serialisation of the valid tokens (for persisting the open tail bit
+    /// for bit): a 24-byte header (`KVS1`, then `n_tokens`, `n_layers`, `n_kv_heads`,
+    /// `head_dim`, `v_head_dim` as u32), then per layer the keys of tokens `0..n_tokens` and
+    /// their values, as f32.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let s = self.shape;
+        let (kw, vw) = (k_width(s), v_width(s));
+        let n = self.n_tokens;
+        let mut out = Vec::with_capacity(STAGED_HEADER + s.n_layers * n * (kw + vw) * 4);
+        out.extend_from_slice(STAGED_MAGIC);
+        for x in [n, s.n_layers, s.n_kv_heads, s.head_dim, s.v_head_dim] {
+            out.extend_from_slice(&(x as u32).to_le_bytes());
+        }
+        for l in 0..s.n_layers {
+            for x in &self.keys(l)[..n * kw] {
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+            for x in &self.values(l)[..n * vw] {
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+        }
+        out
+    }
+
+    /// Parses [`Self::to_bytes`]; the header must match `shape` and the length be exact.
+    pub fn from_bytes(shape: KvShape, bytes: &[u8]) -> Result<Self, ChunkError> {
+        let header = bytes.get(..STAGED_HEADER).ok_or(ChunkError::BadHeader)?;
+        if &header[..4] != STAGED_MAGIC {
+            return Err(ChunkError::BadHeader);
+        }
+        let field = |i: usize| {
+            let b = &header[4 + 4 * i..8 + 4 * i];
+            u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize
+        };
+        let n = field(0);
+        let found = KvShape {
+            n_layers: field(1),
+            n_kv_heads: field(2),
+            head_dim: field(3),
+            v_head_dim: field(4),
+        };
+        if found != shape {
+            return Err(ChunkError::Shape {
+                expected: shape,
+                found,
+            });
+        }
+        if n > T {
+            return Err(ChunkError::BadHeader);
+        }
+        let (kw, vw) = (k_width(shape), v_width(shape));
+        let expected = STAGED_HEADER + shape.n_layers * n * (kw + vw) * 4;
+        if bytes.len() != expected {
+            return Err(ChunkError::ByteLength {
+                expected,
+                found: bytes.len(),
+            });
+        }
+        let mut chunk = StagedChunk::new(shape);
+        chunk.n_tokens = n;
+        let mut floats = bytes[STAGED_HEADER..]
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+        for l in 0..shape.n_layers {
+            for (d, s) in chunk.keys_mut(l)[..n * kw].iter_mut().zip(&mut floats) {
+                *d = s;
+            }
+            for (d, s) in chunk.values_mut(l)[..n * vw].iter_mut().zip(&mut floats) {
+                *d = s;
+            }
+        }
+        Ok(chunk)
+    }
+}
+
+fn k_width(s: KvShape) -> usize {
+    s.n_kv_heads * s.head_dim
+}
+
+fn v_width(s: KvShape) -> usize {
+    s.n_kv_heads * s.v_head_dim
+}
+
+/// An immutable full chunk (exactly 16 tokens) at one precision. Its layers may arrive one by
+/// one (pipelined restore from disk while the forward pass is already running), hence
+/// `OnceLock`.
+pub struct SealedChunk {
+    shape: KvShape,
+    precision: Precision,
+    layers: Box<[OnceLock<Box<[u8]>>]>,
+}
+
+impl std::fmt::Debug for SealedChunk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let present = self.layers.iter().filter(|l| l.get().is_some()).count();
+        f.debug_struct("SealedChunk")
+            .field("shape", &self.shape)
+            .field("precision", &self.precision)
+            .field("layers_present", &present)
+            .finish()
+    }
+}
+
+impl SealedChunk {
+    /// Quantize from full precision (requires `n_tokens == 16`).
+    pub fn quantize(src: &StagedChunk, p: Precision) -> Result<Self, ChunkError> {
+        if src.n_tokens != T {
+            return Err(ChunkError::NotFull(src.n_tokens));
+        }
+        let chunk = SealedChunk::empty(src.shape, p);
+        for l in 0..src.shape.n_layers {
+            chunk.set_layer(l, encode_layer(src, l, p)?)?;
+        }
+        Ok(chunk)
+    }
+
+    /// A chunk whose layers will be filled with [`Self::set_layer`].
+    pub fn empty(shape: KvShape, p: Precision) -> Self {
+        SealedChunk {
+            shape,
+            precision: p,
+            layers: (0..shape.n_layers).map(|_| OnceLock::new()).collect(),
+        }
+    }
+
+    /// Sets one layer's bytes (exactly [`layer_bytes`] of them), once.
+    pub fn set_layer(&self, layer: usize, bytes: Box<[u8]>) -> Result<(), ChunkError> {
+        let slot = self.layers.get(layer).ok_or(ChunkError::LayerOutOfRange {
+            layer,
+            n_layers: self.shape.n_layers,
+        })?;
+        let expected = layer_bytes(self.shape, self.precision);
+        if bytes.len() != expected {
+            return Err(ChunkError::ByteLength {
+                expected,
+                found: bytes.len(),
+            });
+        }
+        slot.set(bytes)
+            .map_err(|_| ChunkError::LayerAlreadySet(layer))
+    }
+
+    pub fn layer(&self, layer: usize) -> Option<&[u8]> {
+        self.layers.get(layer)?.get().map(|b| &**b)
+    }
+
+    /// The first layer not yet set.
+    pub fn first_missing(&self) -> Option<usize> {
+        self.layers.iter().position(|l| l.get().is_none())
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.first_missing().is_none()
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    pub fn shape(&self) -> KvShape {
+        self.shape
+    }
+
+    /// Bytes of the layers present.
+    pub fn resident_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .filter_map(|l| l.get())
+            .map(|b| b.len())
+            .sum()
+    }
+
+    /// Back to f32 (exact for F16; the dequantized values for intN). Used to re-quantize from
+    /// an F16 master and in tests. Fails if a layer is missing.
+    pub fn dequantize(&self) -> Result<StagedChunk, ChunkError> {
+        if let Some(l) = self.first_missing() {
+            return Err(ChunkError::Incomplete(l));
+        }
+        Ok(self.dequantize_present())
+    }
+
+    /// Like [`Self::dequantize`], but missing layers read as zeros.
+    pub(crate) fn dequantize_present(&self) -> StagedChunk {
+        let mut out = StagedChunk::new(self.shape);
+        out.n_tokens = T;
+        for l in 0..self.shape.n_layers {
+            if let Some(bytes) = self.layer(l) {
+                decode_layer(self.shape, self.precision, bytes, &mut out, l);
+            }
+        }
+        out
+    }
+}
+
+/// Largest finite f16: scales and minimums are clamped so they stay finite.
+const F16_MAX: f32 = 65504.0;
+
+/// Scale and minimum of a group with extremes `lo..=hi`, rounded to f16, for `levels + 1`
+/// codes. Returns the f16 bits and their f32 values.
+#[inline]
+pub(crate) fn group_params(lo: f32, hi: f32, levels: u32) -> (f16, f16) {
+    let lo = lo.clamp(-F16_MAX, F16_MAX);
+    let hi = hi.clamp(-F16_MAX, F16_MAX);
+    let scale = ((hi - lo) / levels as f32).max(0.0);
+    (f16::from_f32(scale), f16::from_f32(lo))
+}
+
+/// The code of `x` in a group with f32 `scale` and `min` (both already f16-rounded).
+#[inline]
+pub(crate) fn code_of(x: f32, scale: f32, min: f32, levels: u32) -> u8 {
+    if scale == 0.0 {
+        return 0;
+    }
+    // NaN saturates to 0 in the cast.
+    ((x - min) / scale).round().clamp(0.0, levels as f32) as u8
+}
+
+/// Packs 16 codes of `bits` bits into `out` (`2 * bits` bytes): code `i` goes to byte
+/// `i % (2 * bits)` at bit `bits * (i / (2 * bits))`.
+#[inline]
+pub(crate) fn pack_group(bits: u32, codes: &[u8; T], out: &mut [u8]) {
+    let gb = 2 * bits as usize;
+    out[..gb].fill(0);
+    for (i, &c) in codes.iter().enumerate() {
+        out[i % gb] |= c << (bits as usize * (i / gb));
+    }
+}
+
+/// Inverse of [`pack_group`].
+#[inline]
+pub(crate) fn unpack_group(bits: u32, g: &[u8]) -> [u8; T] {
+    let gb = 2 * bits as usize;
+    let mask = ((1u32 << bits) - 1) as u8;
+    std::array::from_fn(|i| (g[i % gb] >> (bits as usize * (i / gb))) & mask)
+}
+
+/// The 16 f16 values of an f16 group.
+#[inline]
+pub(crate) fn f16_group(g: &[u8]) -> [f32; T] {
+    std::array::from_fn(|i| f16::from_le_bytes([g[2 * i], g[2 * i + 1]]).to_f32())
+}
+
+#[inline]
+pub(crate) fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([b[2 * i], b[2 * i + 1]]).to_f32()
+}
+
+/// Encodes one layer of `src` (all 16 rows, whatever `n_tokens` says) at precision `p`, in the
+/// layout described in the module docs.
+pub fn encode_layer(
+    src: &StagedChunk,
+    layer: usize,
+    p: Precision,
+) -> Result<Box<[u8]>, ChunkError> {
+    let shape = src.shape;
+    if layer >= shape.n_layers {
+        return Err(ChunkError::LayerOutOfRange {
+            layer,
+            n_layers: shape.n_layers,
+        });
+    }
+    let lay = BlockLayout::new(shape, p);
+    let (kw, vw) = (k_width(shape), v_width(shape));
+    let (dk, dv) = (shape.head_dim, shape.v_head_dim);
+    let keys = src.keys(layer);
+    let values = src.values(layer);
+    let gb = p.group_bytes();
+    let bits = p.bits();
+    let levels = (1u32 << bits.min(8)) - 1;
+    let mut out = vec![0u8; layer_bytes(shape, p)].into_boxed_slice();
+    for (h, block) in out.chunks_exact_mut(lay.bytes).enumerate() {
+        // Keys: one group per channel, over the 16 tokens.
+        for c in 0..dk {
+            let x: [f32; T] = std::array::from_fn(|t| keys[t * kw + h * dk + c]);
+            let g = &mut block[lay.k_codes + c * gb..lay.k_codes + (c + 1) * gb];
+            if p.is_int() {
+                let (s, m) = encode_int_group(&x, bits, levels, g);
+                block[lay.k_scale + 2 * c..lay.k_scale + 2 * c + 2].copy_from_slice(&s);
+                block[lay.k_min + 2 * c..lay.k_min + 2 * c + 2].copy_from_slice(&m);
+            } else {
+                encode_f16_group(&x, g);
+            }
+        }
+        // Values: per token, groups of 16 channels (the last padded with zeros).
+        for t in 0..T {
+            let row = &values[t * vw + h * dv..t * vw + (h + 1) * dv];
+            if p.is_int() {
+                let lo = row.iter().copied().fold(f32::INFINITY, f32::min);
+                let hi = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let (sh, mh) = group_params(lo, hi, levels);
+                let (s, m) = (sh.to_f32(), mh.to_f32());
+                block[lay.v_scale + 2 * t..lay.v_scale + 2 * t + 2]
+                    .copy_from_slice(&sh.to_le_bytes());
+                block[lay.v_min + 2 * t..lay.v_min + 2 * t + 2].copy_from_slice(&mh.to_le_bytes());
+                for (gi, xs) in row.chunks(T).enumerate() {
+                    let mut codes = [0u8; T];
+                    for (c, &x) in codes.iter_mut().zip(xs) {
+                        *c = code_of(x, s, m, levels);
+                    }
+                    let at = lay.v_codes + (t * lay.vg + gi) * gb;
+                    pack_group(bits, &codes, &mut block[at..at + gb]);
+                }
+            } else {
+                for (gi, xs) in row.chunks(T).enumerate() {
+                    let mut x = [0.0f32; T];
+                    x[..xs.len()].copy_from_slice(xs);
+                    let at = lay.v_codes + (t * lay.vg + gi) * gb;
+                    encode_f16_group(&x, &mut block[at..at + gb]);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn encode_f16_group(x: &[f32; T], out: &mut [u8]) {
+    for (i, &v) in x.iter().enumerate() {
+        out[2 * i..2 * i + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes());
+    }
+}
+
+/// Quantizes one integer group; returns the f16 scale and minimum bytes.
+fn encode_int_group(x: &[f32; T], bits: u32, levels: u32, out: &mut [u8]) -> ([u8; 2], [u8; 2]) {
+    let lo = x.iter().copied().fold(f32::INFINITY, f32::min);
+    let hi = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let (sh, mh) = group_params(lo, hi, levels);
+    let (s, m) = (sh.to_f32(), mh.to_f32());
+    let codes: [u8; T] = std::array::from_fn(|i| code_of(x[i], s, m, levels));
+    pack_group(bits, &codes, out);
+    (sh.to_le_bytes(), mh.to_le_bytes())
+}
+
+/// Decodes one layer's bytes (of the right length) into rows 0..16 of `dst`'s `layer`.
+pub fn decode_layer(
+    shape: KvShape,
+    p: Precision,
+    bytes: &[u8],
+    dst: &mut StagedChunk,
+    layer: usize,
+) {
+    let lay = BlockLayout::new(shape, p);
+    if bytes.len() != layer_bytes(shape, p) || layer >= shape.n_layers || dst.shape != shape {
+        debug_assert!(false, "decode_layer: bad arguments");
+        return;
+    }
+    let (kw, vw) = (k_width(shape), v_width(shape));
+    let (dk, dv) = (shape.head_dim, shape.v_head_dim);
+    let gb = p.group_bytes();
+    let bits = p.bits();
+    for (h, block) in bytes.chunks_exact(lay.bytes).enumerate() {
+        let keys = dst.keys_mut(layer);
+        for c in 0..dk {
+            let g = &block[lay.k_codes + c * gb..lay.k_codes + (c + 1) * gb];
+            let x = if p.is_int() {
+                let (s, m) = (
+                    f16_at(&block[lay.k_scale..], c),
+                    f16_at(&block[lay.k_min..], c),
+                );
+                unpack_group(bits, g).map(|q| q as f32 * s + m)
+            } else {
+                f16_group(g)
+            };
+            for (t, &v) in x.iter().enumerate() {
+                keys[t * kw + h * dk + c] = v;
+            }
+        }
+        let values = dst.values_mut(layer);
+        for t in 0..T {
+            let row = &mut values[t * vw + h * dv..t * vw + (h + 1) * dv];
+            let (s, m) = if p.is_int() {
+                (
+                    f16_at(&block[lay.v_scale..], t),
+                    f16_at(&block[lay.v_min..], t),
+                )
+            } else {
+                (1.0, 0.0)
+            };
+            for (gi, dst) in row.chunks_mut(T).enumerate() {
+                let at = lay.v_codes + (t * lay.vg + gi) * gb;
+                let g = &block[at..at + gb];
+                let x = if p.is_int() {
+                    unpack_group(bits, g).map(|q| q as f32 * s + m)
+                } else {
+                    f16_group(g)
+                };
+                dst.copy_from_slice(&x[..dst.len()]);
+            }
+        }
+    }
+}
