@@ -1,6 +1,9 @@
 //! `llmsd`: the LLM system service, and one-shot subcommands over the same engine.
 
 mod bench;
+// Not wired into the daemon yet.
+#[allow(dead_code)]
+mod kvstore;
 mod oneshot;
 
 use std::path::PathBuf;

@@ -1,0 +1,4 @@
+//! The KV store: per-context KV chunks, resident in memory or swapped to disk.
+
+pub mod durable;
+pub mod swapfile;
