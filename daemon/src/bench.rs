@@ -14,10 +14,13 @@ use std::time::Instant;
 use crate::oneshot::{load, Loaded};
 use crate::ModelArg;
 
-const TEXT: &str = "/usr/share/common-licenses/GPL-3";
+pub const TEXT: &str = "/usr/share/common-licenses/GPL-3";
 
 #[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
+    #[command(subcommand)]
+    sub: Option<BenchSub>,
     #[command(flatten)]
     model: ModelArg,
     #[arg(long, default_value_t = 512)]
@@ -134,7 +137,16 @@ pub fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+#[derive(clap::Subcommand)]
+enum BenchSub {
+    /// Context switches under a KV policy: restore time and time to first token.
+    Switch(crate::bench_switch::SwitchArgs),
+}
+
 pub fn bench(a: BenchArgs) -> Result<()> {
+    if let Some(BenchSub::Switch(s)) = a.sub {
+        return crate::bench_switch::switch(s);
+    }
     if a.prompt_tokens == 0 || a.gen_tokens == 0 || a.runs == 0 {
         bail!("--prompt-tokens, --gen-tokens and --runs must be positive");
     }

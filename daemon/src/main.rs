@@ -1,9 +1,9 @@
 //! `llmsd`: the LLM system service, and one-shot subcommands over the same engine.
 
 mod bench;
-// Not wired into the daemon yet.
-#[allow(dead_code)]
-mod kvstore;
+mod bench_switch;
+mod contexts;
+
 mod oneshot;
 
 use std::path::PathBuf;
@@ -33,8 +33,11 @@ enum Command {
     Perplexity(oneshot::PerplexityArgs),
     /// Architecture, sizes, tensor types and chat template of a model.
     Inspect(oneshot::InspectArgs),
-    /// Prefill, decode and batched-decode speed of the engine.
+    /// Prefill, decode and batched-decode speed of the engine (`bench switch`: context
+    /// switches under each KV policy).
     Bench(bench::BenchArgs),
+    /// Persistent contexts of the KV store, one operation per run.
+    Ctx(contexts::CtxArgs),
 }
 
 /// Where the model comes from when `--model` is not given.
@@ -64,6 +67,7 @@ fn main() -> std::process::ExitCode {
         Command::Perplexity(a) => oneshot::perplexity(a),
         Command::Inspect(a) => oneshot::inspect(a),
         Command::Bench(a) => bench::bench(a),
+        Command::Ctx(a) => contexts::ctx(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,6 +1,7 @@
 //! One-shot subcommands: load the model, do one thing, print (JSON with `--json`), exit.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use llmsd_engine::chat::{ChatMessage, ChatTemplate};
@@ -44,9 +45,9 @@ pub fn resolve_model(arg: &Option<PathBuf>) -> Result<PathBuf> {
 }
 
 pub struct Loaded {
-    pub model: Model,
+    pub model: Arc<Model>,
     pub tokenizer: Tokenizer,
-    pub pool: ThreadPool,
+    pub pool: Arc<ThreadPool>,
 }
 
 pub fn load(arg: &ModelArg) -> Result<Loaded> {
@@ -58,9 +59,9 @@ pub fn load(arg: &ModelArg) -> Result<Loaded> {
     let pool = ThreadPool::with_pinning(threads, std::env::var_os("LLMSD_NO_PIN").is_none())
         .context("starting engine threads")?;
     Ok(Loaded {
-        model,
+        model: Arc::new(model),
         tokenizer,
-        pool,
+        pool: Arc::new(pool),
     })
 }
 
@@ -69,7 +70,7 @@ pub fn default_threads() -> usize {
 }
 
 /// Token ids of `text`, with BOS first iff `bos` (whatever the model's own default).
-fn encode(tokenizer: &Tokenizer, text: &str, bos: bool, special: bool) -> Vec<u32> {
+pub fn encode(tokenizer: &Tokenizer, text: &str, bos: bool, special: bool) -> Vec<u32> {
     let mut ids = Vec::with_capacity(text.len() / 3 + 1);
     if bos {
         ids.extend(tokenizer.bos_id());
@@ -384,6 +385,13 @@ pub struct PerplexityArgs {
     tokens: usize,
     #[arg(long)]
     bos: bool,
+    /// Keep the history as this KV policy would (chunks compressed as they fill); without it,
+    /// an uncompressed f32 cache.
+    #[arg(long)]
+    kv_policy: Option<llmsd::kvstore::Policy>,
+    /// Mean bits per KV element for the llms policy.
+    #[arg(long, default_value_t = llmsd::kvstore::store::DEFAULT_AVG_BITS)]
+    kv_bits_avg: f64,
     #[arg(long)]
     json: bool,
 }
@@ -412,16 +420,25 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
         bail!("--tokens must be at least 2");
     }
     ids.truncate(a.tokens);
-    let mut total = 0.0f64;
-    for_each_position_logits(&l, &ids, |p, row| {
-        if let Some(&next) = ids.get(p + 1) {
-            total += nll(row, next);
+    let ppl = match a.kv_policy {
+        Some(policy) => crate::contexts::perplexity_with_policy(&l, &ids, policy, a.kv_bits_avg)?,
+        None => {
+            let mut total = 0.0f64;
+            for_each_position_logits(&l, &ids, |p, row| {
+                if let Some(&next) = ids.get(p + 1) {
+                    total += nll(row, next);
+                }
+                Ok(())
+            })?;
+            (total / (ids.len() - 1) as f64).exp()
         }
-        Ok(())
-    })?;
-    let ppl = (total / (ids.len() - 1) as f64).exp();
+    };
     if a.json {
-        println!("{}", json!({"ppl": ppl, "tokens": ids.len()}));
+        let policy = a.kv_policy.map(|p| p.name());
+        println!(
+            "{}",
+            json!({"ppl": ppl, "tokens": ids.len(), "kv_policy": policy})
+        );
     } else {
         println!("perplexity {ppl:.4} over {} tokens", ids.len());
     }

@@ -1,0 +1,149 @@
+//! The KV store's I/O thread: swap-out writes happen here, off the token path.
+//!
+//! Jobs run in submission order, so a manifest queued after a call's chunk files is written
+//! only once those files are durable. Results come back as [`Done`] records the store drains
+//! when it next runs; [`IoThread::flush`] waits for everything queued so far.
+
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+/// What a job reports: which write it was (the store's tag) and how it went.
+#[derive(Debug)]
+pub struct Done {
+    pub tag: u64,
+    pub result: Result<u64, String>,
+}
+
+type Job = Box<dyn FnOnce() -> Option<Done> + Send>;
+
+enum Msg {
+    Run(Job),
+    Flush(mpsc::Sender<()>),
+}
+
+pub struct IoThread {
+    tx: Option<mpsc::Sender<Msg>>,
+    done: Arc<Mutex<Vec<Done>>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl IoThread {
+    pub fn start() -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel::<Msg>();
+        let done = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&done);
+        // Fault injection for crash tests: every job waits this long first, so a test can
+        // kill the process while swap-out is under way.
+        let delay = std::env::var("LLMSD_FAULT_IO_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(std::time::Duration::from_millis);
+        let handle = std::thread::Builder::new()
+            .name("llmsd-kv-io".into())
+            .spawn(move || {
+                for msg in rx {
+                    match msg {
+                        Msg::Run(job) => {
+                            if let Some(d) = delay {
+                                std::thread::sleep(d);
+                            }
+                            if let Some(d) = job() {
+                                if let Err(e) = &d.result {
+                                    tracing::warn!(tag = d.tag, "KV swap-out failed: {e}");
+                                }
+                                sink.lock().unwrap_or_else(|e| e.into_inner()).push(d);
+                            }
+                        }
+                        Msg::Flush(ack) => {
+                            let _ = ack.send(());
+                        }
+                    }
+                }
+            })?;
+        Ok(IoThread {
+            tx: Some(tx),
+            done,
+            handle: Some(handle),
+        })
+    }
+
+    /// Queues a job; it reports a [`Done`] if it returns one.
+    pub fn submit(&self, job: impl FnOnce() -> Option<Done> + Send + 'static) {
+        let sent = self
+            .tx
+            .as_ref()
+            .map(|tx| tx.send(Msg::Run(Box::new(job))).is_ok());
+        if sent != Some(true) {
+            tracing::error!("KV I/O thread is gone; a swap-out was dropped");
+        }
+    }
+
+    /// Waits until every job queued before this call has run.
+    pub fn flush(&self) {
+        let (ack, wait) = mpsc::channel();
+        if let Some(tx) = &self.tx {
+            if tx.send(Msg::Flush(ack)).is_ok() {
+                let _ = wait.recv();
+            }
+        }
+    }
+
+    /// Results of the jobs that finished since the last call.
+    pub fn take_done(&self) -> Vec<Done> {
+        std::mem::take(&mut *self.done.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl Drop for IoThread {
+    fn drop(&mut self) {
+        // Closing the channel lets the thread finish the queue and exit: nothing queued is lost.
+        self.tx.take();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jobs_run_in_order_and_flush_waits() {
+        let io = IoThread::start().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        for i in 0..50u64 {
+            let log = Arc::clone(&log);
+            io.submit(move || {
+                log.lock().unwrap().push(i);
+                (i % 10 == 0).then_some(Done {
+                    tag: i,
+                    result: Ok(i),
+                })
+            });
+        }
+        io.flush();
+        assert_eq!(*log.lock().unwrap(), (0..50).collect::<Vec<_>>());
+        let done: Vec<u64> = io.take_done().iter().map(|d| d.tag).collect();
+        assert_eq!(done, vec![0, 10, 20, 30, 40]);
+        assert!(io.take_done().is_empty());
+    }
+
+    #[test]
+    fn drop_finishes_the_queue() {
+        let log = Arc::new(Mutex::new(0));
+        {
+            let io = IoThread::start().unwrap();
+            for _ in 0..20 {
+                let log = Arc::clone(&log);
+                io.submit(move || {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                    *log.lock().unwrap() += 1;
+                    None
+                });
+            }
+        }
+        assert_eq!(*log.lock().unwrap(), 20);
+    }
+}
