@@ -122,6 +122,7 @@ fn run(
         next_text.push(start + a.tokens);
     }
     store.flush();
+    let built = store.stats();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.seed);
     let mut restores = Vec::new();
     let mut ttfts = Vec::new();
@@ -195,6 +196,8 @@ fn run(
         "chunks_read": read,
         "chunks_recomputed": recomputed,
         "kv_disk_mib": stats.kv_disk_bytes as f64 / 1048576.0,
+        "swap_files_per_call": (stats.files_written - built.files_written) as f64 / a.switches as f64,
+        "swap_mib_per_call": (stats.bytes_written - built.bytes_written) as f64 / 1048576.0 / a.switches as f64,
         "restore_costs": store.costs(),
     }))
 }

@@ -85,6 +85,18 @@ impl<K: Copy + Ord + Hash> Lctru<K> {
             .map(|&(_, k)| k)
     }
 
+    /// Removes and returns the first key in eviction order that `ok` accepts.
+    pub fn pop_victim_where(&mut self, mut ok: impl FnMut(K) -> bool) -> Option<K> {
+        let k = self
+            .queues
+            .iter()
+            .rev()
+            .flat_map(|(_, q)| q.iter().map(|&(_, k)| k))
+            .find(|&k| ok(k))?;
+        self.remove(k);
+        Some(k)
+    }
+
     /// Removes and returns the next victim.
     pub fn pop_victim(&mut self) -> Option<K> {
         let k = self.peek_victim()?;
@@ -137,6 +149,18 @@ mod tests {
         assert!(!q.contains(1));
         assert_eq!(q.len(), 1);
         q.relevel(7, 4); // unknown keys are ignored
+        assert_eq!(q.len(), 1);
+    }
+
+    #[test]
+    fn conditional_victim_follows_the_same_order() {
+        let mut q = Lctru::new();
+        q.touch(1u32, 4);
+        q.touch(2, 8);
+        q.touch(3, 8);
+        assert_eq!(q.pop_victim_where(|k| k != 2), Some(3));
+        assert_eq!(q.pop_victim_where(|k| k == 1), Some(1));
+        assert_eq!(q.pop_victim_where(|_| false), None);
         assert_eq!(q.len(), 1);
     }
 

@@ -281,6 +281,9 @@ pub struct StoreStats {
     pub contexts: usize,
     pub chunks: usize,
     pub io_failures: u64,
+    /// Swap files queued for writing since start, and their bytes before compression.
+    pub files_written: u64,
+    pub bytes_written: u64,
 }
 
 // ---- manifest ----
@@ -401,6 +404,8 @@ pub struct KvStore {
     in_flight: HashSet<(usize, u64)>,
     io: IoThread,
     io_failures: u64,
+    files_written: u64,
+    bytes_written: u64,
     costs: RestoreCosts,
     scratch: Scratch,
     rng_state: u64,
@@ -442,6 +447,8 @@ impl KvStore {
             in_flight: HashSet::new(),
             io: IoThread::start()?,
             io_failures: 0,
+            files_written: 0,
+            bytes_written: 0,
             costs: default_costs(),
             scratch: Scratch::default(),
             rng_state: seed | 1,
@@ -979,7 +986,13 @@ impl KvStore {
                 "no room in the KV budget for context {id}: other contexts in use hold it"
             )));
         }
+        let t_evicted = t0.elapsed();
         let result = self.restore(a, c);
+        tracing::debug!(
+            evict_ms = t_evicted.as_secs_f64() * 1e3,
+            restore_ms = (t0.elapsed() - t_evicted).as_secs_f64() * 1e3,
+            "session opened"
+        );
         match result {
             Ok(mut restore) => {
                 restore.elapsed_s = t0.elapsed().as_secs_f64();
@@ -1089,7 +1102,15 @@ impl KvStore {
 
     /// Evicts the next LCTRU victim. Returns false when nothing can be evicted.
     fn evict_one(&mut self) -> Result<bool> {
-        let Some(key) = self.queue.pop_victim() else {
+        // Prefer a victim whose swap file is already on disk: waiting for the I/O thread
+        // would put the swap-out on this call's path.
+        self.drain_io();
+        let key = {
+            let (apps, in_flight) = (&self.apps, &self.in_flight);
+            self.queue
+                .pop_victim_where(|k| !key_in_flight(apps, in_flight, k))
+        };
+        let Some(key) = key.or_else(|| self.queue.pop_victim()) else {
             return Ok(false);
         };
         let (a, kind, id) = (key.0 as usize, key.1, key.2);
@@ -1208,6 +1229,8 @@ impl KvStore {
     ) -> FileRef {
         let num = self.apps[a].next_file;
         self.apps[a].next_file += 1;
+        self.files_written += 1;
+        self.bytes_written += raw_bytes;
         let path = self.file_path(a, num);
         self.in_flight.insert((a, num));
         let tag = ((a as u64) << 48) | num;
@@ -1360,7 +1383,16 @@ impl KvStore {
             return Ok(report);
         }
         // Every file that will be read must be on disk first.
-        if !self.in_flight.is_empty() {
+        let mut needed: Vec<u64> = missing
+            .iter()
+            .filter_map(|&i| {
+                let id = self.apps[a].contexts[&c].chunks[i];
+                self.apps[a].chunks.get(&id).and_then(|e| e.file).map(|f| f.num)
+            })
+            .collect();
+        needed.extend(tail_file.map(|f| f.num));
+        needed.extend(whole.map(|f| f.num));
+        if needed.iter().any(|n| self.in_flight.contains(&(a, *n))) {
             self.io.flush();
             self.drain_io();
         }
@@ -1586,41 +1618,57 @@ impl KvStore {
             }
         }
         let files: Vec<&ChunkFile> = to_read.iter().map(|(_, _, f)| f).collect();
+        let any_recompute = layout.iter().any(Option::is_none);
+        // With nothing to recompute the engine threads are idle: read on two threads.
+        let n_loaders = if any_recompute || pending.len() < 2 { 1 } else { 2 };
+        let progress: Vec<std::sync::atomic::AtomicUsize> =
+            (0..n_loaders).map(|_| Default::default()).collect();
         let model = Arc::clone(&self.model);
         let pool = Arc::clone(&self.pool);
         let cap = self.cfg.max_context_tokens;
         let scratch = &mut self.scratch;
         let result: Result<(Vec<ChunkSlot>, usize), StoreError> = std::thread::scope(|scope| {
             let loader_gate = Arc::clone(&gate);
-            let loader = (!pending.is_empty()).then(|| {
-                let pending = &pending;
-                let files = &files;
-                scope.spawn(move || -> Vec<usize> {
-                    // A chunk that fails is skipped from then on; the others are still read
-                    // to the end, so a second round only recomputes what failed.
-                    let mut failed = Vec::new();
-                    for l in 0..n_layers {
-                        for (k, (idx, chunk)) in pending.iter().enumerate() {
-                            if failed.contains(idx) {
-                                continue;
+            let progress = &progress;
+            let loaders: Vec<_> = (0..n_loaders)
+                .filter(|_| !pending.is_empty())
+                .map(|t| {
+                    let (pending, files, gate) = (&pending, &files, Arc::clone(&loader_gate));
+                    scope.spawn(move || -> Vec<usize> {
+                        // A chunk that fails is skipped from then on; the others are still
+                        // read to the end, so a second round only recomputes what failed.
+                        let mut failed = Vec::new();
+                        for l in 0..n_layers {
+                            let mine = pending.iter().enumerate().skip(t).step_by(n_loaders);
+                            for (k, (idx, chunk)) in mine {
+                                if failed.contains(idx) {
+                                    continue;
+                                }
+                                let ok = files[k]
+                                    .read_layer(l)
+                                    .map_err(|e| e.to_string())
+                                    .and_then(|b| chunk.set_layer(l, b).map_err(|e| e.to_string()));
+                                if let Err(e) = ok {
+                                    tracing::warn!("chunk {idx}: layer {l} unreadable: {e}");
+                                    failed.push(*idx);
+                                    gate.fail(format!("chunk {idx} failed to load: {e}"));
+                                }
                             }
-                            let ok = files[k]
-                                .read_layer(l)
-                                .map_err(|e| e.to_string())
-                                .and_then(|b| chunk.set_layer(l, b).map_err(|e| e.to_string()));
-                            if let Err(e) = ok {
-                                tracing::warn!("chunk {idx}: layer {l} unreadable: {e}");
-                                failed.push(*idx);
-                                loader_gate.fail(format!("chunk {idx} failed to load: {e}"));
+                            if failed.is_empty() {
+                                use std::sync::atomic::Ordering;
+                                progress[t].store(l + 1, Ordering::Release);
+                                let ready = progress
+                                    .iter()
+                                    .map(|p| p.load(Ordering::Acquire))
+                                    .min()
+                                    .unwrap_or(0);
+                                gate.advance(ready);
                             }
                         }
-                        if failed.is_empty() {
-                            loader_gate.advance(l + 1);
-                        }
-                    }
-                    failed
+                        failed
+                    })
                 })
-            });
+                .collect();
             // Recompute runs in position order; each sees every slot before it.
             let mut slots: Vec<ChunkSlot> = Vec::with_capacity(layout.len());
             let mut recomputed = 0;
@@ -1667,9 +1715,10 @@ impl KvStore {
                 recomputed += j.min(n_chunks) - i.min(n_chunks);
                 i = j;
             }
-            let failed = loader
-                .map(|h| h.join().unwrap_or_default())
-                .unwrap_or_default();
+            let mut failed = Vec::new();
+            for h in loaders {
+                failed.extend(h.join().unwrap_or_default());
+            }
             out.failed_reads = failed;
             run_result.map(|()| (slots, recomputed))
         });
@@ -2146,6 +2195,8 @@ impl KvStore {
             contexts,
             chunks,
             io_failures: self.io_failures,
+            files_written: self.files_written,
+            bytes_written: self.bytes_written,
         }
     }
 
@@ -2274,6 +2325,23 @@ impl KvStore {
         tracing::info!(?costs, "KV restore cost models fitted");
         Ok(costs)
     }
+}
+
+/// Whether an eviction unit's swap file is still queued.
+fn key_in_flight(apps: &[App], in_flight: &HashSet<(usize, u64)>, key: EvictKey) -> bool {
+    if in_flight.is_empty() {
+        return false;
+    }
+    let (a, kind, id) = (key.0 as usize, key.1, key.2);
+    let Some(app) = apps.get(a) else {
+        return false;
+    };
+    let file = match kind {
+        EK_CHUNK => app.chunks.get(&id).and_then(|e| e.file),
+        EK_TAIL => app.contexts.get(&id).and_then(|c| c.tail.file),
+        _ => app.contexts.get(&id).and_then(|c| c.whole),
+    };
+    file.is_some_and(|f| in_flight.contains(&(a, f.num)))
 }
 
 #[derive(Default)]
