@@ -136,6 +136,41 @@ fn value_accum<const SIMD: bool>(
     value_accum_scalar(lay, block, p, nh, ts, out);
 }
 
+/// Softmax of each `n`-wide row in place: max-subtracted exp, normalized (the formula of
+/// `ContiguousKv`; the SIMD build uses a vector `exp` within a few ulp of `f32::exp`).
+#[inline(always)]
+fn softmax_rows<const SIMD: bool>(sc: &mut [f32], n: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if SIMD {
+        // SAFETY: as in `key_scores`.
+        unsafe { super::avx2::softmax_rows(sc, n) };
+        return;
+    }
+    for row in sc.chunks_exact_mut(n) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0;
+        for s in row.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|s| *s *= inv);
+    }
+}
+
+/// Sum with eight independent accumulators (vectorizes without reassociation).
+#[inline(always)]
+fn sum(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let mut it = x.chunks_exact(8);
+    for c in &mut it {
+        for i in 0..8 {
+            acc[i] += c[i];
+        }
+    }
+    acc.iter().sum::<f32>() + it.remainder().iter().sum::<f32>()
+}
+
 /// Heads processed together by the SIMD kernels (their `qs` scratch is this many rows).
 pub(crate) const KERNEL_HEADS: usize = 4;
 
@@ -249,22 +284,13 @@ impl ChunkedKv {
                 }
             }
 
-            for row in sc.chunks_exact_mut(n_vis) {
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0;
-                for s in row.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                let inv = 1.0 / sum;
-                row.iter_mut().for_each(|s| *s *= inv);
-            }
+            softmax_rows::<SIMD>(sc, n_vis);
 
             if sampled {
                 for (k, (_, ts, i0)) in spans.clone().enumerate() {
                     let mut m = 0.0f32;
                     for row in sc.chunks_exact(n_vis) {
-                        m += row[i0..i0 + ts.len()].iter().sum::<f32>();
+                        m += sum(&row[i0..i0 + ts.len()]);
                     }
                     masses[k] += m;
                 }

@@ -513,6 +513,15 @@ fn simd_kernels_match_scalar() {
 // ---------------------------------------------------------------------------------------------
 // ChunkedKv
 
+/// (layer, pos, window, heads, q)
+type Q = (
+    usize,
+    usize,
+    Option<usize>,
+    std::ops::Range<usize>,
+    Vec<f32>,
+);
+
 struct Fixture {
     shape: KvShape,
     n_heads: usize,
@@ -603,16 +612,7 @@ impl Fixture {
         c
     }
 
-    fn queries(
-        &self,
-        rng: &mut ChaCha8Rng,
-    ) -> Vec<(
-        usize,
-        usize,
-        Option<usize>,
-        std::ops::Range<usize>,
-        Vec<f32>,
-    )> {
+    fn queries(&self, rng: &mut ChaCha8Rng) -> Vec<Q> {
         let hd = self.shape.head_dim;
         let mut out = Vec::new();
         let last = self.len - 1;
@@ -640,18 +640,7 @@ impl Fixture {
     }
 }
 
-fn run(
-    kv: &dyn KvCache,
-    n_heads: usize,
-    dv: usize,
-    q: &(
-        usize,
-        usize,
-        Option<usize>,
-        std::ops::Range<usize>,
-        Vec<f32>,
-    ),
-) -> Vec<f32> {
+fn run(kv: &dyn KvCache, n_heads: usize, dv: usize, q: &Q) -> Vec<f32> {
     let (layer, pos, window, heads, qv) = q;
     let query = AttnQuery {
         layer: *layer,
@@ -1026,4 +1015,41 @@ fn truncate_and_set_len() {
     );
     kv.truncate(0);
     assert!(kv.is_empty() && kv.slots().is_empty());
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn simd_exp_and_softmax_match_scalar() {
+    if !super::attend::simd_available() {
+        return;
+    }
+    let mut worst = 0.0f32;
+    let mut x = -87.0f32;
+    while x <= 0.0 {
+        let (a, b) = (super::avx2::exp_one(x), x.exp());
+        worst = worst.max((a - b).abs() / b);
+        x += 0.0137;
+    }
+    assert!(worst < 4e-7, "relative error {worst}");
+    assert_eq!(super::avx2::exp_one(-100.0), 0.0);
+    assert_eq!(super::avx2::exp_one(0.0), 1.0);
+    let mut rng = ChaCha8Rng::seed_from_u64(20);
+    for n in [1, 5, 8, 13, 64, 77] {
+        let rows: Vec<f32> = (0..3 * n).map(|_| rng.gen_range(-30.0..30.0)).collect();
+        let mut a = rows.clone();
+        // SAFETY: checked above.
+        unsafe { super::avx2::softmax_rows(&mut a, n) };
+        for (r, ar) in rows.chunks(n).zip(a.chunks(n)) {
+            let max = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let e: Vec<f32> = r.iter().map(|x| (x - max).exp()).collect();
+            let s: f32 = e.iter().sum();
+            for (x, y) in e.iter().zip(ar) {
+                assert!(
+                    (x / s - y).abs() <= 1e-6 * (1.0 + x / s),
+                    "{} vs {y}",
+                    x / s
+                );
+            }
+        }
+    }
 }
