@@ -339,25 +339,29 @@ fn cpu_now() -> Duration {
         .unwrap_or_else(|| START.get_or_init(Instant::now).elapsed())
 }
 
-fn time<F: FnMut()>(mut f: F, min: Duration) -> f64 {
-    // Best of 10 runs of at least `min` (thread CPU time), seconds per call.
-    let mut best = f64::INFINITY;
-    for _ in 0..10 {
-        let start = cpu_now();
-        let mut n = 0u32;
-        while cpu_now() - start < min || n == 0 {
-            f();
-            n += 1;
+/// Seconds per call of each job: rounds of at least `min` (thread CPU time) per job,
+/// interleaved so every job sees the same disturbances; the best round counts.
+fn time_interleaved(jobs: &mut [&mut dyn FnMut()], rounds: usize, min: Duration) -> Vec<f64> {
+    let mut best = vec![f64::INFINITY; jobs.len()];
+    for _ in 0..rounds {
+        for (job, best) in jobs.iter_mut().zip(&mut best) {
+            let start = cpu_now();
+            let mut n = 0u32;
+            while cpu_now() - start < min || n == 0 {
+                job();
+                n += 1;
+            }
+            *best = best.min((cpu_now() - start).as_secs_f64() / f64::from(n));
         }
-        best = best.min((cpu_now() - start).as_secs_f64() / f64::from(n));
     }
     best
 }
 
-/// Single-thread attention (thread CPU time) over 1024 positions for each format vs `ContiguousKv`, SmolLM2's
-/// shape (9 query heads on 3 kv heads of 64), decode-style query (all heads, last position):
-/// "hot" repeats one layer (cache-resident), "30 layers" cycles through all layers as decode
-/// does (memory-bound for the f32 caches: 47 MB of f32 KV).
+/// Single-thread attention (thread CPU time) over 1024 positions for each format vs
+/// `ContiguousKv`, SmolLM2's shape (9 query heads on 3 kv heads of 64), decode-style query (all
+/// heads, last position): "hot" repeats one layer (cache-resident), "30 layers" cycles through
+/// all layers as decode does (memory-bound for the f32 caches: 47 MB of f32 KV). Then
+/// prefill-style attention (512 causal queries) with density statistics off and on.
 #[test]
 #[ignore]
 fn attend_speed() {
@@ -395,104 +399,123 @@ fn attend_speed() {
     let q: Vec<f32> = (0..n_heads * 64)
         .map(|_| rng.gen_range(-0.3..0.3))
         .collect();
-    let mut out = vec![0.0; n_heads * 64];
-    let mut scratch = Vec::new();
-    let mut bench = |name: &str, kv: &dyn KvCache, bytes: usize| {
-        let mut layer = 0;
-        let mut one = |layer: usize| {
+    let sealed = |p: Precision, n: usize, every: usize| {
+        let slots = staged[..n / 16]
+            .iter()
+            .map(|s| ChunkSlot::Sealed(Arc::new(SealedChunk::quantize(s, p).unwrap())))
+            .collect();
+        let mut kv = ChunkedKv::from_slots(shape, len, slots, n).unwrap();
+        kv.set_density_layers(every);
+        kv
+    };
+    let mut caches: Vec<(String, Box<dyn KvCache>, usize)> = vec![
+        (
+            "ContiguousKv f32".into(),
+            Box::new(contiguous),
+            len * 3 * 128 * 4,
+        ),
+        (
+            "ChunkedKv staged f32".into(),
+            Box::new(chunked),
+            len * 3 * 128 * 4,
+        ),
+    ];
+    for p in Precision::ALL {
+        let bytes = len / 16 * llmsd_engine::kvchunk::layer_bytes(shape, p);
+        caches.push((format!("ChunkedKv {p}"), Box::new(sealed(p, len, 0)), bytes));
+    }
+    caches.push((
+        "ChunkedKv int4, densities on".into(),
+        Box::new(sealed(Precision::Int4, len, 1)),
+        len / 16 * llmsd_engine::kvchunk::layer_bytes(shape, Precision::Int4),
+    ));
+    let attend =
+        |kv: &dyn KvCache, layer: usize, pos: usize, out: &mut Vec<f32>, sc: &mut Vec<f32>| {
             let query = AttnQuery {
                 layer,
-                pos: len - 1,
+                pos,
                 window: None,
                 heads: 0..n_heads,
                 q: &q,
                 n_heads,
             };
-            kv.attend(&query, &mut out, &mut scratch);
+            kv.attend(&query, out, sc);
         };
-        let hot = time(|| one(0), Duration::from_millis(100));
-        let cycled = time(
-            || {
-                one(layer);
-                layer = (layer + 1) % 30;
-            },
-            Duration::from_millis(100),
-        );
-        println!(
-            "| {name} | {:.1} | {:.1} | {:.2} |",
-            hot * 1e6,
-            cycled * 1e6,
-            bytes as f64 / cycled / 1e9
-        );
-        (hot, cycled)
-    };
-    println!("attend over 1024 positions, 9 heads / 3 kv heads x 64, one thread");
-    println!("| cache | hot layer µs | 30 layers µs | GB/s (30 layers) |");
-    println!("|---|---|---|---|");
-    let f32_bytes = len * 3 * 128 * 4;
-    let base = bench("ContiguousKv f32", &contiguous, f32_bytes);
-    bench("ChunkedKv staged f32", &chunked, f32_bytes);
-    let mut results = vec![];
-    for p in Precision::ALL {
-        let slots = staged
-            .iter()
-            .map(|s| ChunkSlot::Sealed(Arc::new(SealedChunk::quantize(s, p).unwrap())))
-            .collect();
-        let mut kv = ChunkedKv::from_slots(shape, len, slots, len).unwrap();
-        kv.set_density_layers(0);
-        let bytes = len / 16 * llmsd_engine::kvchunk::layer_bytes(shape, p);
-        results.push((p, bench(&format!("ChunkedKv {p}"), &kv, bytes)));
-        if p == Precision::Int4 {
-            kv.set_density_layers(1);
-            bench("ChunkedKv int4 + densities", &kv, bytes);
-        }
+    let out = vec![0.0; n_heads * 64];
+    let mut jobs: Vec<Box<dyn FnMut() + '_>> = Vec::new();
+    for (_, kv, _) in &caches {
+        let kv = &**kv;
+        let (mut o, mut sc) = (out.clone(), Vec::new());
+        jobs.push(Box::new(move || attend(kv, 0, len - 1, &mut o, &mut sc)));
+        let (mut o, mut sc, mut layer) = (out.clone(), Vec::new(), 0);
+        jobs.push(Box::new(move || {
+            attend(kv, layer, len - 1, &mut o, &mut sc);
+            layer = (layer + 1) % 30;
+        }));
     }
+    let mut refs: Vec<&mut dyn FnMut()> = jobs
+        .iter_mut()
+        .map(|j| &mut **j as &mut dyn FnMut())
+        .collect();
+    let t = time_interleaved(&mut refs, 15, Duration::from_millis(40));
+    drop(refs);
+    drop(jobs);
+    println!("attend over 1024 positions, 9 heads / 3 kv heads x 64, one thread (CPU time, best of 15 interleaved rounds)");
+    println!("| cache | KV bytes per layer | hot layer µs | 30 layers µs | vs ContiguousKv (30 layers) |");
+    println!("|---|---|---|---|---|");
+    for (i, (name, _, bytes)) in caches.iter().enumerate() {
+        println!(
+            "| {name} | {bytes} | {:.1} | {:.1} | {:.2}x |",
+            t[2 * i] * 1e6,
+            t[2 * i + 1] * 1e6,
+            t[2 * i + 1] / t[1]
+        );
+    }
+
     // Prefill-style: queries at positions 0..512 of one layer (causal), densities off and on.
-    println!("prefill-style attention, 512 queries over positions 0..512 of one layer:");
-    for p in [None, Some(Precision::Int4)] {
+    let mut prefill: Vec<(String, ChunkedKv)> = Vec::new();
+    for every in [0, 1] {
         let slots = staged[..32]
             .iter()
-            .map(|s| match p {
-                None => ChunkSlot::Staged(Box::new(s.clone())),
-                Some(p) => ChunkSlot::Sealed(Arc::new(SealedChunk::quantize(s, p).unwrap())),
-            })
+            .map(|s| ChunkSlot::Staged(Box::new(s.clone())))
             .collect();
         let mut kv = ChunkedKv::from_slots(shape, len, slots, 512).unwrap();
-        let mut t = [0.0; 2];
-        for (i, every) in [0, 1].into_iter().enumerate() {
-            kv.set_density_layers(every);
-            t[i] = time(
-                || {
-                    for pos in 0..512 {
-                        let query = AttnQuery {
-                            layer: 0,
-                            pos,
-                            window: None,
-                            heads: 0..n_heads,
-                            q: &q,
-                            n_heads,
-                        };
-                        kv.attend(&query, &mut out, &mut scratch);
-                    }
-                },
-                Duration::from_millis(100),
-            );
-        }
-        println!(
-            "  {}: densities off {:.2} ms, on {:.2} ms ({:+.1}%)",
-            p.map_or("staged f32", |p| p.name()),
-            t[0] * 1e3,
-            t[1] * 1e3,
-            (t[1] / t[0] - 1.0) * 100.0
-        );
+        kv.set_density_layers(every);
+        prefill.push((
+            format!("staged f32, densities {}", ["off", "on"][every]),
+            kv,
+        ));
+        prefill.push((
+            format!("int4, densities {}", ["off", "on"][every]),
+            sealed(Precision::Int4, 512, every),
+        ));
     }
-    for (p, (hot, cycled)) in results {
-        println!(
-            "{p}: {:.2}x hot, {:.2}x over 30 layers (vs ContiguousKv; <1 is faster)",
-            hot / base.0,
-            cycled / base.1
-        );
+    let mut jobs: Vec<Box<dyn FnMut() + '_>> = prefill
+        .iter()
+        .map(|(_, kv)| {
+            let (mut o, mut sc) = (out.clone(), Vec::new());
+            let b: Box<dyn FnMut()> = Box::new(move || {
+                for pos in 0..512 {
+                    attend(kv, 0, pos, &mut o, &mut sc);
+                }
+            });
+            b
+        })
+        .collect();
+    let mut refs: Vec<&mut dyn FnMut()> = jobs
+        .iter_mut()
+        .map(|j| &mut **j as &mut dyn FnMut())
+        .collect();
+    let t = time_interleaved(&mut refs, 10, Duration::from_millis(60));
+    println!("prefill-style attention, 512 queries over positions 0..512 of one layer:");
+    for (i, (name, _)) in prefill.iter().enumerate() {
+        println!("  {name}: {:.2} ms", t[i] * 1e3);
     }
+    println!(
+        "  density cost: staged {:+.1}%, int4 {:+.1}%",
+        (t[2] / t[0] - 1.0) * 100.0,
+        (t[3] / t[1] - 1.0) * 100.0
+    );
 }
 
 /// What density collection costs: SmolLM2 prefill of 512 tokens over a `ChunkedKv`, densities

@@ -225,17 +225,17 @@ impl ChunkedKv {
         let group = (query.n_heads / n_kv_heads).max(1);
         let first_slot = visible.start / T;
         let last_slot = (visible.end - 1) / T;
-        let n_slots = last_slot + 1 - first_slot;
         let sampled = self.is_sampled(layer);
 
         // Scratch: scores [head in group][position], per-chunk scores/probabilities
-        // [head][16], the key kernel's q∘scale rows, per-slot masses.
+        // [head][16], the key kernel's q∘scale rows, per-position mass summed over heads.
         let nh_max = group.min(query.heads.len());
         let n_scores = nh_max * n_vis;
         let n_tmp = nh_max * T;
         let n_qs = nh_max.min(KERNEL_HEADS) * dk;
+        let n_mass = if sampled { n_vis } else { 0 };
         scratch.clear();
-        scratch.resize(n_scores + n_tmp + n_qs + n_slots, 0.0);
+        scratch.resize(n_scores + n_tmp + n_qs + n_mass, 0.0);
         let (sc, rest) = scratch.split_at_mut(n_scores);
         let (tmp, rest) = rest.split_at_mut(n_tmp);
         let (qs, masses) = rest.split_at_mut(n_qs);
@@ -287,12 +287,10 @@ impl ChunkedKv {
             softmax_rows::<SIMD>(sc, n_vis);
 
             if sampled {
-                for (k, (_, ts, i0)) in spans.clone().enumerate() {
-                    let mut m = 0.0f32;
-                    for row in sc.chunks_exact(n_vis) {
-                        m += sum(&row[i0..i0 + ts.len()]);
+                for row in sc.chunks_exact(n_vis) {
+                    for (m, &p) in masses.iter_mut().zip(row) {
+                        *m += p;
                     }
-                    masses[k] += m;
                 }
             }
 
@@ -332,8 +330,9 @@ impl ChunkedKv {
 
         if sampled {
             let obs = query.heads.len() as u64;
-            for (k, &m) in masses.iter().enumerate() {
-                self.add_density(first_slot + k, f64::from(m), obs);
+            for (s, ts, i0) in spans {
+                let m = sum(&masses[i0..i0 + ts.len()]);
+                self.add_density(s, f64::from(m), obs);
             }
         }
     }

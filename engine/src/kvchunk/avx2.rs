@@ -2,8 +2,8 @@
 //! up to float summation order.
 //!
 //! A group of 16 codes unpacks to two vectors of 8 f32 (`load_group`): f16 with `vcvtph2ps`;
-//! int8 zero-extended bytes; int4 one 64-bit load, a shift by 4 and a mask give the 16 codes in
-//! order as bytes; int2 one 32-bit broadcast shifted by 0/2/4/6 per lane and masked. Key scores
+//! int8 zero-extended bytes; int4 its 8 bytes zero-extended to 32-bit lanes, masked (codes 0..8)
+//! and shifted by 4 (codes 8..16); int2 one 32-bit broadcast shifted by 0/2/4/6 per lane and masked. Key scores
 //! accumulate 16 token lanes per head over the channels (no horizontal sums); value outputs
 //! accumulate 16 channels per head over the tokens. Up to four query heads share each unpacked
 //! group; with one or two heads, even and odd channels (tokens) use separate accumulators so
@@ -36,11 +36,17 @@ unsafe fn load_group<const B: u32>(g: *const u8) -> (__m256, __m256) {
             (_mm256_cvtph_ps(lo), _mm256_cvtph_ps(hi))
         }
         // SAFETY (all three): 16, 8 or 4 readable bytes (caller).
-        8 => widen(_mm_loadu_si128(g.cast())),
+        8 => {
+            let lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64(g.cast()));
+            let hi = _mm256_cvtepu8_epi32(_mm_loadl_epi64(g.add(8).cast()));
+            (_mm256_cvtepi32_ps(lo), _mm256_cvtepi32_ps(hi))
+        }
         4 => {
-            let v = _mm_loadl_epi64(g.cast());
-            let v = _mm_unpacklo_epi64(v, _mm_srli_epi64::<4>(v));
-            widen(_mm_and_si128(v, _mm_set1_epi8(0x0F)))
+            // Lane i holds byte i: code i in bits 0..4, code i + 8 in bits 4..8.
+            let v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(g.cast()));
+            let lo = _mm256_and_si256(v, _mm256_set1_epi32(0x0F));
+            let hi = _mm256_srli_epi32::<4>(v);
+            (_mm256_cvtepi32_ps(lo), _mm256_cvtepi32_ps(hi))
         }
         _ => {
             let x = g.cast::<u32>().read_unaligned();
