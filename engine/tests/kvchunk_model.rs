@@ -472,6 +472,31 @@ fn attend_speed() {
         );
     }
 
+    // Sealing and unsealing one chunk (all 30 layers).
+    let mut jobs: Vec<Box<dyn FnMut() + '_>> = Vec::new();
+    for p in Precision::ALL {
+        let st = &staged[0];
+        jobs.push(Box::new(move || {
+            std::hint::black_box(SealedChunk::quantize(st, p).unwrap());
+        }));
+        let sealed = SealedChunk::quantize(st, p).unwrap();
+        jobs.push(Box::new(move || {
+            std::hint::black_box(sealed.dequantize().unwrap());
+        }));
+    }
+    let mut refs: Vec<&mut dyn FnMut()> = jobs
+        .iter_mut()
+        .map(|j| &mut **j as &mut dyn FnMut())
+        .collect();
+    let t = time_interleaved(&mut refs, 5, Duration::from_millis(40));
+    drop(refs);
+    drop(jobs);
+    print!("one chunk (30 layers): quantize / dequantize µs:");
+    for (i, p) in Precision::ALL.iter().enumerate() {
+        print!(" {p} {:.0} / {:.0};", t[2 * i] * 1e6, t[2 * i + 1] * 1e6);
+    }
+    println!();
+
     // Prefill-style: queries at positions 0..512 of one layer (causal), densities off and on.
     let mut prefill: Vec<(String, ChunkedKv)> = Vec::new();
     for every in [0, 1] {

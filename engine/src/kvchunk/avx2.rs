@@ -2,16 +2,16 @@
 //! up to float summation order.
 //!
 //! A group of 16 codes unpacks to two vectors of 8 f32 (`load_group`): f16 with `vcvtph2ps`;
-//! int8 zero-extended bytes; int4 its 8 bytes zero-extended to 32-bit lanes, masked (codes 0..8)
-//! and shifted by 4 (codes 8..16); int2 one 32-bit broadcast shifted by 0/2/4/6 per lane and masked. Key scores
-//! accumulate 16 token lanes per head over the channels (no horizontal sums); value outputs
-//! accumulate 16 channels per head over the tokens. Up to four query heads share each unpacked
-//! group; with one or two heads, even and odd channels (tokens) use separate accumulators so
-//! the FMA latency chains overlap.
+//! int8 zero-extended bytes; int4 its 8 bytes zero-extended to 32-bit lanes, then masked (codes
+//! 0..8) and shifted by 4 (codes 8..16); int2 one 32-bit broadcast shifted by 0/2/4/6 per lane
+//! and masked. Key scores accumulate 16 token lanes per head over the channels (no horizontal
+//! sums); value outputs accumulate 16 channels per head over the tokens. Up to four query heads
+//! share each unpacked group; with up to three heads, even and odd channels (tokens) use
+//! separate accumulators so the FMA latency chains overlap. The softmax uses an 8-lane `exp`.
 //!
-//! Memory safety: every group is a `chunks_exact` piece of the block of exactly its size and
-//! the loads read inside it; scratch and output lengths are checked on entry (a mismatch
-//! returns without computing, which the callers never cause).
+//! Memory safety: the kernels check the block, scratch and output lengths on entry (a mismatch
+//! returns without computing, which the callers never cause) and then load groups through
+//! pointers whose offsets those checks bound.
 
 use std::arch::x86_64::*;
 use std::ops::Range;

@@ -18,10 +18,31 @@ pub enum ChunkSlot {
 }
 
 impl ChunkSlot {
-    fn shape(&self) -> KvShape {
+    pub fn shape(&self) -> KvShape {
         match self {
             ChunkSlot::Staged(s) => s.shape(),
             ChunkSlot::Sealed(s) => s.shape(),
+        }
+    }
+
+    pub fn is_sealed(&self) -> bool {
+        matches!(self, ChunkSlot::Sealed(_))
+    }
+
+    /// The sealed chunk's precision; `None` for a staged (f32) slot.
+    pub fn precision(&self) -> Option<Precision> {
+        match self {
+            ChunkSlot::Staged(_) => None,
+            ChunkSlot::Sealed(s) => Some(s.precision()),
+        }
+    }
+
+    /// Bytes of chunk data this slot holds ([`staged_bytes`](super::staged_bytes) for a
+    /// staged slot, the layers present for a sealed one).
+    pub fn resident_bytes(&self) -> usize {
+        match self {
+            ChunkSlot::Staged(s) => super::staged_bytes(s.shape()),
+            ChunkSlot::Sealed(s) => s.resident_bytes(),
         }
     }
 }
@@ -184,9 +205,10 @@ impl ChunkedKv {
     }
 
     /// A cache over existing slots holding positions `0..len`: there must be exactly
-    /// `ceil(len / 16)` slots, all of this shape; sealed slots must be complete... or be
-    /// filled later behind a [`LayerGate`], and must lie entirely below `len`; staged slots
-    /// must hold their positions below `len` (their token counts are set to match).
+    /// `ceil(len / 16)` slots, all of this shape. Sealed slots must lie entirely below `len`;
+    /// they may still be missing layers that a loader fills behind a [`LayerGate`] (see
+    /// [`Self::set_gate`]). Staged slots must hold at least their positions below `len` (their
+    /// token counts are set to exactly those).
     pub fn from_slots(
         shape: KvShape,
         capacity: usize,

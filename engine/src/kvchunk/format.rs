@@ -299,8 +299,17 @@ pub(crate) fn code_of(x: f32, scale: f32, min: f32, levels: u32) -> u8 {
     if scale == 0.0 {
         return 0;
     }
-    // NaN saturates to 0 in the cast.
-    ((x - min) / scale).round().clamp(0.0, levels as f32) as u8
+    // clamp(round(v), 0, levels) (round half away from zero), without a libm call: for
+    // 0 < v < levels, `v - trunc(v)` is exact. NaN gives 0.
+    let v = (x - min) / scale;
+    if v.is_nan() || v <= 0.0 {
+        return 0;
+    }
+    if v >= levels as f32 {
+        return levels as u8;
+    }
+    let i = v as u32;
+    (i + u32::from(v - i as f32 >= 0.5)) as u8
 }
 
 /// Packs 16 codes of `bits` bits into `out` (`2 * bits` bytes): code `i` goes to byte

@@ -1053,3 +1053,23 @@ fn simd_exp_and_softmax_match_scalar() {
         }
     }
 }
+
+#[test]
+fn codes_round_half_away_from_zero() {
+    use super::format::code_of;
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    for levels in [3u32, 15, 255] {
+        let l = levels as f32;
+        let mut cases: Vec<f32> = (0..20000).map(|_| rng.gen_range(-2.0..l + 2.0)).collect();
+        cases.extend((0..=2 * levels + 2).map(|k| k as f32 * 0.5 - 0.5));
+        cases.extend([0.49999997, 0.5, 1.4999999, f32::NAN, f32::INFINITY, -0.0]);
+        for v in cases {
+            let want = if v.is_nan() {
+                0
+            } else {
+                v.round().clamp(0.0, l) as u8
+            };
+            assert_eq!(code_of(v, 1.0, 0.0, levels), want, "{v} levels {levels}");
+        }
+    }
+}
