@@ -159,6 +159,10 @@ impl LayerGate {
 /// Sealed slots always lie entirely below [`KvCache::len`]; writing into a sealed slot, or
 /// shortening the cache into one, first replaces it with its dequantized staged copy.
 ///
+/// A sealed slot still missing the layer being attended reads as zeros (scores 0, values 0);
+/// the forward pass never sees that, because [`KvCache::wait_layer`] first waits on the gate
+/// and then reports any missing layer as [`KvError::Unavailable`].
+///
 /// While attending, the cache adds to each visible slot the attention mass its positions got
 /// (summed over the query's heads) and the number of (query, head) observations, on the layers
 /// chosen by [`Self::set_density_layers`]; see [`Self::densities`].

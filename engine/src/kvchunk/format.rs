@@ -273,7 +273,8 @@ impl SealedChunk {
         out.n_tokens = T;
         for l in 0..self.shape.n_layers {
             if let Some(bytes) = self.layer(l) {
-                decode_layer(self.shape, self.precision, bytes, &mut out, l);
+                // Cannot fail: set_layer checked the length, and `out` has this shape.
+                let _ = decode_layer(self.precision, bytes, &mut out, l);
             }
         }
         out
@@ -427,18 +428,28 @@ fn encode_int_group(x: &[f32; T], bits: u32, levels: u32, out: &mut [u8]) -> ([u
     (sh.to_le_bytes(), mh.to_le_bytes())
 }
 
-/// Decodes one layer's bytes (of the right length) into rows 0..16 of `dst`'s `layer`.
+/// Decodes one layer's bytes (at precision `p`, of `dst`'s shape) into rows 0..16 of `dst`'s
+/// `layer`.
 pub fn decode_layer(
-    shape: KvShape,
     p: Precision,
     bytes: &[u8],
     dst: &mut StagedChunk,
     layer: usize,
-) {
+) -> Result<(), ChunkError> {
+    let shape = dst.shape;
     let lay = BlockLayout::new(shape, p);
-    if bytes.len() != layer_bytes(shape, p) || layer >= shape.n_layers || dst.shape != shape {
-        debug_assert!(false, "decode_layer: bad arguments");
-        return;
+    if layer >= shape.n_layers {
+        return Err(ChunkError::LayerOutOfRange {
+            layer,
+            n_layers: shape.n_layers,
+        });
+    }
+    let expected = layer_bytes(shape, p);
+    if bytes.len() != expected {
+        return Err(ChunkError::ByteLength {
+            expected,
+            found: bytes.len(),
+        });
     }
     let (kw, vw) = (k_width(shape), v_width(shape));
     let (dk, dv) = (shape.head_dim, shape.v_head_dim);
@@ -484,4 +495,5 @@ pub fn decode_layer(
             }
         }
     }
+    Ok(())
 }

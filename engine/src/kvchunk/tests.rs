@@ -292,7 +292,15 @@ fn f16_chunks_requantize_exactly() {
     // And decode_layer writes exactly what dequantize gives.
     let mut one = StagedChunk::new(s);
     let bytes = encode_layer(&master, 1, Precision::Int4).unwrap();
-    decode_layer(s, Precision::Int4, &bytes, &mut one, 1);
+    decode_layer(Precision::Int4, &bytes, &mut one, 1).unwrap();
+    assert!(matches!(
+        decode_layer(Precision::Int8, &bytes, &mut one, 1),
+        Err(ChunkError::ByteLength { .. })
+    ));
+    assert!(matches!(
+        decode_layer(Precision::Int4, &bytes, &mut one, 2),
+        Err(ChunkError::LayerOutOfRange { .. })
+    ));
     let int4 = SealedChunk::quantize(&master, Precision::Int4)
         .unwrap()
         .dequantize()
