@@ -136,6 +136,41 @@ fn value_accum<const SIMD: bool>(
     value_accum_scalar(lay, block, p, nh, ts, out);
 }
 
+/// Softmax of each `n`-wide row in place: max-subtracted exp, normalized (the formula of
+/// `ContiguousKv`; the SIMD build uses a vector `exp` within a few ulp of `f32::exp`).
+#[inline(always)]
+fn softmax_rows<const SIMD: bool>(sc: &mut [f32], n: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if SIMD {
+        // SAFETY: as in `key_scores`.
+        unsafe { super::avx2::softmax_rows(sc, n) };
+        return;
+    }
+    for row in sc.chunks_exact_mut(n) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0;
+        for s in row.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|s| *s *= inv);
+    }
+}
+
+/// Sum with eight independent accumulators (vectorizes without reassociation).
+#[inline(always)]
+fn sum(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let mut it = x.chunks_exact(8);
+    for c in &mut it {
+        for i in 0..8 {
+            acc[i] += c[i];
+        }
+    }
+    acc.iter().sum::<f32>() + it.remainder().iter().sum::<f32>()
+}
+
 /// Heads processed together by the SIMD kernels (their `qs` scratch is this many rows).
 pub(crate) const KERNEL_HEADS: usize = 4;
 
@@ -190,17 +225,17 @@ impl ChunkedKv {
         let group = (query.n_heads / n_kv_heads).max(1);
         let first_slot = visible.start / T;
         let last_slot = (visible.end - 1) / T;
-        let n_slots = last_slot + 1 - first_slot;
         let sampled = self.is_sampled(layer);
 
         // Scratch: scores [head in group][position], per-chunk scores/probabilities
-        // [head][16], the key kernel's q∘scale rows, per-slot masses.
+        // [head][16], the key kernel's q∘scale rows, per-position mass summed over heads.
         let nh_max = group.min(query.heads.len());
         let n_scores = nh_max * n_vis;
         let n_tmp = nh_max * T;
         let n_qs = nh_max.min(KERNEL_HEADS) * dk;
+        let n_mass = if sampled { n_vis } else { 0 };
         scratch.clear();
-        scratch.resize(n_scores + n_tmp + n_qs + n_slots, 0.0);
+        scratch.resize(n_scores + n_tmp + n_qs + n_mass, 0.0);
         let (sc, rest) = scratch.split_at_mut(n_scores);
         let (tmp, rest) = rest.split_at_mut(n_tmp);
         let (qs, masses) = rest.split_at_mut(n_qs);
@@ -249,24 +284,13 @@ impl ChunkedKv {
                 }
             }
 
-            for row in sc.chunks_exact_mut(n_vis) {
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0;
-                for s in row.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                let inv = 1.0 / sum;
-                row.iter_mut().for_each(|s| *s *= inv);
-            }
+            softmax_rows::<SIMD>(sc, n_vis);
 
             if sampled {
-                for (k, (_, ts, i0)) in spans.clone().enumerate() {
-                    let mut m = 0.0f32;
-                    for row in sc.chunks_exact(n_vis) {
-                        m += row[i0..i0 + ts.len()].iter().sum::<f32>();
+                for row in sc.chunks_exact(n_vis) {
+                    for (m, &p) in masses.iter_mut().zip(row) {
+                        *m += p;
                     }
-                    masses[k] += m;
                 }
             }
 
@@ -306,8 +330,9 @@ impl ChunkedKv {
 
         if sampled {
             let obs = query.heads.len() as u64;
-            for (k, &m) in masses.iter().enumerate() {
-                self.add_density(first_slot + k, f64::from(m), obs);
+            for (s, ts, i0) in spans {
+                let m = sum(&masses[i0..i0 + ts.len()]);
+                self.add_density(s, f64::from(m), obs);
             }
         }
     }

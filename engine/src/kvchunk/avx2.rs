@@ -2,16 +2,16 @@
 //! up to float summation order.
 //!
 //! A group of 16 codes unpacks to two vectors of 8 f32 (`load_group`): f16 with `vcvtph2ps`;
-//! int8 zero-extended bytes; int4 one 64-bit load, a shift by 4 and a mask give the 16 codes in
-//! order as bytes; int2 one 32-bit broadcast shifted by 0/2/4/6 per lane and masked. Key scores
-//! accumulate 16 token lanes per head over the channels (no horizontal sums); value outputs
-//! accumulate 16 channels per head over the tokens. Up to four query heads share each unpacked
-//! group; with one or two heads, even and odd channels (tokens) use separate accumulators so
-//! the FMA latency chains overlap.
+//! int8 zero-extended bytes; int4 its 8 bytes zero-extended to 32-bit lanes, then masked (codes
+//! 0..8) and shifted by 4 (codes 8..16); int2 one 32-bit broadcast shifted by 0/2/4/6 per lane
+//! and masked. Key scores accumulate 16 token lanes per head over the channels (no horizontal
+//! sums); value outputs accumulate 16 channels per head over the tokens. Up to four query heads
+//! share each unpacked group; with up to three heads, even and odd channels (tokens) use
+//! separate accumulators so the FMA latency chains overlap. The softmax uses an 8-lane `exp`.
 //!
-//! Memory safety: every group is a `chunks_exact` piece of the block of exactly its size and
-//! the loads read inside it; scratch and output lengths are checked on entry (a mismatch
-//! returns without computing, which the callers never cause).
+//! Memory safety: the kernels check the block, scratch and output lengths on entry (a mismatch
+//! returns without computing, which the callers never cause) and then load groups through
+//! pointers whose offsets those checks bound.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -20,48 +20,36 @@ use super::{BlockLayout, Precision, CHUNK_TOKENS};
 
 const T: usize = CHUNK_TOKENS;
 
-/// The 16 elements of a group as two vectors (elements 0..8 and 8..16): f16 values for
-/// `B == 16`, integer codes as f32 otherwise.
+/// The 16 elements of the group at `g` as two vectors (elements 0..8 and 8..16): f16 values
+/// for `B == 16`, integer codes as f32 otherwise.
 ///
 /// # Safety
-/// The CPU must support AVX2 and F16C. `g` must hold at least `2 * B` bytes.
+/// The CPU must support AVX2 and F16C; `g..g + 2 * B` must be readable.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn load_group<const B: u32>(g: &[u8]) -> (__m256, __m256) {
+unsafe fn load_group<const B: u32>(g: *const u8) -> (__m256, __m256) {
     match B {
         16 => {
-            let g: &[u8; 32] = match g.get(..32).and_then(|s| s.try_into().ok()) {
-                Some(a) => a,
-                None => return (_mm256_setzero_ps(), _mm256_setzero_ps()),
-            };
-            // SAFETY: `g` is 32 bytes; the two loads read bytes 0..16 and 16..32.
-            let lo = _mm_loadu_si128(g.as_ptr().cast());
-            let hi = _mm_loadu_si128(g.as_ptr().add(16).cast());
+            // SAFETY: 32 readable bytes (caller).
+            let lo = _mm_loadu_si128(g.cast());
+            let hi = _mm_loadu_si128(g.add(16).cast());
             (_mm256_cvtph_ps(lo), _mm256_cvtph_ps(hi))
         }
+        // SAFETY (all three): 16, 8 or 4 readable bytes (caller).
         8 => {
-            let g: &[u8; 16] = match g.get(..16).and_then(|s| s.try_into().ok()) {
-                Some(a) => a,
-                None => return (_mm256_setzero_ps(), _mm256_setzero_ps()),
-            };
-            // SAFETY: `g` is 16 bytes.
-            let v = _mm_loadu_si128(g.as_ptr().cast());
-            widen(v)
+            let lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64(g.cast()));
+            let hi = _mm256_cvtepu8_epi32(_mm_loadl_epi64(g.add(8).cast()));
+            (_mm256_cvtepi32_ps(lo), _mm256_cvtepi32_ps(hi))
         }
         4 => {
-            let x = match g.get(..8).and_then(|s| <[u8; 8]>::try_from(s).ok()) {
-                Some(a) => u64::from_le_bytes(a),
-                None => return (_mm256_setzero_ps(), _mm256_setzero_ps()),
-            };
-            let v = _mm_cvtsi64_si128(x as i64);
-            let v = _mm_unpacklo_epi64(v, _mm_srli_epi64::<4>(v));
-            widen(_mm_and_si128(v, _mm_set1_epi8(0x0F)))
+            // Lane i holds byte i: code i in bits 0..4, code i + 8 in bits 4..8.
+            let v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(g.cast()));
+            let lo = _mm256_and_si256(v, _mm256_set1_epi32(0x0F));
+            let hi = _mm256_srli_epi32::<4>(v);
+            (_mm256_cvtepi32_ps(lo), _mm256_cvtepi32_ps(hi))
         }
         _ => {
-            let x = match g.get(..4).and_then(|s| <[u8; 4]>::try_from(s).ok()) {
-                Some(a) => u32::from_le_bytes(a),
-                None => return (_mm256_setzero_ps(), _mm256_setzero_ps()),
-            };
+            let x = g.cast::<u32>().read_unaligned();
             let v = _mm_set1_epi32(x as i32);
             let v = _mm_srlv_epi32(v, _mm_setr_epi32(0, 2, 4, 6));
             widen(_mm_and_si128(v, _mm_set1_epi8(0x03)))
@@ -168,7 +156,7 @@ unsafe fn key_scores_fmt<const B: u32>(
         match nb {
             1 => key_loop::<B, 1, 2>(codes, qsb, dk, &bias, ob),
             2 => key_loop::<B, 2, 2>(codes, qsb, dk, &bias, ob),
-            3 => key_loop::<B, 3, 1>(codes, qsb, dk, &bias, ob),
+            3 => key_loop::<B, 3, 2>(codes, qsb, dk, &bias, ob),
             _ => key_loop::<B, 4, 1>(codes, qsb, dk, &bias, ob),
         }
         j0 += nb;
@@ -223,12 +211,13 @@ unsafe fn key_loop<const B: u32, const NH: usize, const S: usize>(
         return;
     }
     let qp = qs.as_ptr();
+    let cp = codes.as_ptr();
     let mut acc = [[[_mm256_setzero_ps(); 2]; NH]; S];
-    let mut groups = codes[..dk * gb].chunks_exact(gb * S);
     let mut c = 0;
-    for gs in &mut groups {
+    while c + S <= dk {
         for (s, accs) in acc.iter_mut().enumerate() {
-            let (k0, k1) = load_group::<B>(&gs[s * gb..]);
+            // SAFETY: c + s < dk and codes holds dk groups of gb bytes (checked above).
+            let (k0, k1) = load_group::<B>(cp.add((c + s) * gb));
             for (j, a) in accs.iter_mut().enumerate() {
                 // SAFETY: j < NH and c + s < dk, so the index is below qs.len() (checked).
                 let w = _mm256_broadcast_ss(&*qp.add(j * dk + c + s));
@@ -238,10 +227,11 @@ unsafe fn key_loop<const B: u32, const NH: usize, const S: usize>(
         }
         c += S;
     }
-    for g in groups.remainder().chunks_exact(gb) {
-        let (k0, k1) = load_group::<B>(g);
+    while c < dk {
+        // SAFETY: as above.
+        let (k0, k1) = load_group::<B>(cp.add(c * gb));
         for (j, a) in acc[0].iter_mut().enumerate() {
-            // SAFETY: as above, with c < dk.
+            // SAFETY: as above.
             let w = _mm256_broadcast_ss(&*qp.add(j * dk + c));
             a[0] = _mm256_fmadd_ps(w, k0, a[0]);
             a[1] = _mm256_fmadd_ps(w, k1, a[1]);
@@ -305,25 +295,40 @@ unsafe fn value_accum_fmt<const B: u32>(
     let mut j0 = 0;
     while j0 < nh {
         let nb = (nh - j0).min(4);
-        // Per head: weights p·scale per token, and the bias Σ p·min.
+        // Per head: weights p·scale per token, and the bias Σ p·min (p is 0 outside `ts`).
         let mut w = [[0.0f32; T]; 4];
         let mut bias = [0.0f32; 4];
-        for jj in 0..nb {
-            let pj = &p[(j0 + jj) * T..(j0 + jj + 1) * T];
-            for t in ts.clone() {
-                if B == 16 {
-                    w[jj][t] = pj[t];
-                } else {
-                    w[jj][t] = pj[t] * super::format::f16_at(&block[lay.v_scale..], t);
-                    bias[jj] += pj[t] * super::format::f16_at(&block[lay.v_min..], t);
-                }
+        for (jj, wj) in w.iter_mut().enumerate().take(nb) {
+            let mut masked = [0.0f32; T];
+            masked[ts.clone()]
+                .copy_from_slice(&p[(j0 + jj) * T + ts.start..(j0 + jj) * T + ts.end]);
+            let pj = &masked;
+            if B == 16 {
+                *wj = *pj;
+            } else {
+                let (Ok(sc), Ok(mn)) = (
+                    <&[u8; 32]>::try_from(&block[lay.v_scale..lay.v_scale + 32]),
+                    <&[u8; 32]>::try_from(&block[lay.v_min..lay.v_min + 32]),
+                ) else {
+                    return;
+                };
+                // SAFETY: `pj` and `wj` hold 16 floats, `sc` and `mn` 32 bytes.
+                let p0 = _mm256_loadu_ps(pj.as_ptr());
+                let p1 = _mm256_loadu_ps(pj.as_ptr().add(8));
+                let s0 = _mm256_cvtph_ps(_mm_loadu_si128(sc.as_ptr().cast()));
+                let s1 = _mm256_cvtph_ps(_mm_loadu_si128(sc.as_ptr().add(16).cast()));
+                let m0 = _mm256_cvtph_ps(_mm_loadu_si128(mn.as_ptr().cast()));
+                let m1 = _mm256_cvtph_ps(_mm_loadu_si128(mn.as_ptr().add(16).cast()));
+                _mm256_storeu_ps(wj.as_mut_ptr(), _mm256_mul_ps(p0, s0));
+                _mm256_storeu_ps(wj.as_mut_ptr().add(8), _mm256_mul_ps(p1, s1));
+                bias[jj] = hsum(_mm256_fmadd_ps(p1, m1, _mm256_mul_ps(p0, m0)));
             }
         }
         let ob = &mut out[j0 * dv..(j0 + nb) * dv];
         match nb {
             1 => value_loop::<B, 1, 2>(codes, lay.vg, dv, &w, &bias, ts.clone(), ob),
             2 => value_loop::<B, 2, 2>(codes, lay.vg, dv, &w, &bias, ts.clone(), ob),
-            3 => value_loop::<B, 3, 1>(codes, lay.vg, dv, &w, &bias, ts.clone(), ob),
+            3 => value_loop::<B, 3, 2>(codes, lay.vg, dv, &w, &bias, ts.clone(), ob),
             _ => value_loop::<B, 4, 1>(codes, lay.vg, dv, &w, &bias, ts.clone(), ob),
         }
         j0 += nb;
@@ -347,6 +352,7 @@ unsafe fn value_loop<const B: u32, const NH: usize, const S: usize>(
     if codes.len() < T * vg * gb || out.len() < NH * dv || ts.end > T {
         return;
     }
+    let cp = codes.as_ptr();
     for g in 0..vg {
         let width = (dv - g * T).min(T);
         // Accumulators start from the current outputs (a partial last group via a copy).
@@ -367,8 +373,8 @@ unsafe fn value_loop<const B: u32, const NH: usize, const S: usize>(
         let mut t = ts.start;
         while t + S <= ts.end {
             for (s, accs) in acc.iter_mut().enumerate() {
-                let at = ((t + s) * vg + g) * gb;
-                let (x0, x1) = load_group::<B>(&codes[at..at + gb]);
+                // SAFETY: t + s < 16 and g < vg: inside the T * vg groups (checked above).
+                let (x0, x1) = load_group::<B>(cp.add(((t + s) * vg + g) * gb));
                 for (j, a) in accs.iter_mut().enumerate() {
                     let wj = _mm256_set1_ps(w[j][t + s]);
                     a[0] = _mm256_fmadd_ps(wj, x0, a[0]);
@@ -378,8 +384,8 @@ unsafe fn value_loop<const B: u32, const NH: usize, const S: usize>(
             t += S;
         }
         while t < ts.end {
-            let at = (t * vg + g) * gb;
-            let (x0, x1) = load_group::<B>(&codes[at..at + gb]);
+            // SAFETY: as above.
+            let (x0, x1) = load_group::<B>(cp.add((t * vg + g) * gb));
             for (j, a) in acc[0].iter_mut().enumerate() {
                 let wj = _mm256_set1_ps(w[j][t]);
                 a[0] = _mm256_fmadd_ps(wj, x0, a[0]);
@@ -406,5 +412,107 @@ unsafe fn value_loop<const B: u32, const NH: usize, const S: usize>(
                 o.copy_from_slice(&part[j][..width]);
             }
         }
+    }
+}
+
+/// `e^x` in 8 lanes: Cephes' `expf` (range reduction by ln 2 in two parts, degree-6
+/// polynomial), within a few ulp of `f32::exp` on [-87.3, 88]; 0 below -87.3 (where the
+/// true value is subnormal), NaN stays NaN.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn exp8(x: __m256) -> __m256 {
+    let lo = _mm256_set1_ps(-87.3);
+    let underflow = _mm256_cmp_ps::<_CMP_LT_OQ>(x, lo);
+    let xc = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.0));
+    let fx = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+        xc,
+        _mm256_set1_ps(std::f32::consts::LOG2_E),
+    ));
+    let r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693_359_4), xc);
+    let r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.121_944_4e-4), r);
+    let mut y = _mm256_set1_ps(1.987_569_1e-4);
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        0.5,
+    ] {
+        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
+    }
+    let y = _mm256_fmadd_ps(
+        y,
+        _mm256_mul_ps(r, r),
+        _mm256_add_ps(r, _mm256_set1_ps(1.0)),
+    );
+    let pow2 = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+        _mm256_cvtps_epi32(fx),
+        _mm256_set1_epi32(127),
+    ));
+    let e = _mm256_mul_ps(y, _mm256_castsi256_ps(pow2));
+    _mm256_andnot_ps(underflow, e)
+}
+
+/// [`exp8`] of one value (tests).
+#[cfg(test)]
+pub(super) fn exp_one(x: f32) -> f32 {
+    // SAFETY: only called by tests after checking the CPU features.
+    unsafe { _mm256_cvtss_f32(exp8(_mm256_set1_ps(x))) }
+}
+
+/// Softmax of each `n`-wide row of `sc` in place: `exp(s − max) / Σ exp(s − max)`, as the
+/// scalar loop computes it, with [`exp8`] and 8-lane sums.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn softmax_rows(sc: &mut [f32], n: usize) {
+    if n == 0 {
+        return;
+    }
+    for row in sc.chunks_exact_mut(n) {
+        let n8 = n / 8 * 8;
+        let (body, tail) = row.split_at_mut(n8);
+        let mut vmax = _mm256_set1_ps(f32::NEG_INFINITY);
+        for c in body.chunks_exact(8) {
+            // SAFETY: `c` holds 8 floats.
+            vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(c.as_ptr()));
+        }
+        let mut buf = [0.0f32; 8];
+        // SAFETY: `buf` holds 8 floats.
+        _mm256_storeu_ps(buf.as_mut_ptr(), vmax);
+        let max = buf
+            .iter()
+            .chain(tail.iter())
+            .copied()
+            .fold(f32::NEG_INFINITY, f32::max);
+        let m = _mm256_set1_ps(max);
+        let mut vsum = _mm256_setzero_ps();
+        for c in body.chunks_exact_mut(8) {
+            // SAFETY: `c` holds 8 floats.
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), m));
+            _mm256_storeu_ps(c.as_mut_ptr(), e);
+            vsum = _mm256_add_ps(vsum, e);
+        }
+        let mut sum = hsum(vsum);
+        if !tail.is_empty() {
+            let mut t = [f32::NEG_INFINITY; 8];
+            t[..tail.len()].copy_from_slice(tail);
+            // SAFETY: `t` holds 8 floats.
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(t.as_ptr()), m));
+            _mm256_storeu_ps(t.as_mut_ptr(), e);
+            tail.copy_from_slice(&t[..tail.len()]);
+            sum += tail.iter().sum::<f32>();
+        }
+        let inv = _mm256_set1_ps(1.0 / sum);
+        for c in body.chunks_exact_mut(8) {
+            // SAFETY: `c` holds 8 floats.
+            _mm256_storeu_ps(
+                c.as_mut_ptr(),
+                _mm256_mul_ps(_mm256_loadu_ps(c.as_ptr()), inv),
+            );
+        }
+        let inv = 1.0 / sum;
+        tail.iter_mut().for_each(|s| *s *= inv);
     }
 }

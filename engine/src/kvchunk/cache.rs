@@ -18,10 +18,31 @@ pub enum ChunkSlot {
 }
 
 impl ChunkSlot {
-    fn shape(&self) -> KvShape {
+    pub fn shape(&self) -> KvShape {
         match self {
             ChunkSlot::Staged(s) => s.shape(),
             ChunkSlot::Sealed(s) => s.shape(),
+        }
+    }
+
+    pub fn is_sealed(&self) -> bool {
+        matches!(self, ChunkSlot::Sealed(_))
+    }
+
+    /// The sealed chunk's precision; `None` for a staged (f32) slot.
+    pub fn precision(&self) -> Option<Precision> {
+        match self {
+            ChunkSlot::Staged(_) => None,
+            ChunkSlot::Sealed(s) => Some(s.precision()),
+        }
+    }
+
+    /// Bytes of chunk data this slot holds ([`staged_bytes`](super::staged_bytes) for a
+    /// staged slot, the layers present for a sealed one).
+    pub fn resident_bytes(&self) -> usize {
+        match self {
+            ChunkSlot::Staged(s) => super::staged_bytes(s.shape()),
+            ChunkSlot::Sealed(s) => s.resident_bytes(),
         }
     }
 }
@@ -138,14 +159,23 @@ impl LayerGate {
 /// Sealed slots always lie entirely below [`KvCache::len`]; writing into a sealed slot, or
 /// shortening the cache into one, first replaces it with its dequantized staged copy.
 ///
+/// A sealed slot still missing the layer being attended reads as zeros (scores 0, values 0);
+/// the forward pass never sees that, because [`KvCache::wait_layer`] first waits on the gate
+/// and then reports any missing layer as [`KvError::Unavailable`].
+///
 /// While attending, the cache adds to each visible slot the attention mass its positions got
 /// (summed over the query's heads) and the number of (query, head) observations, on the layers
 /// chosen by [`Self::set_density_layers`]; see [`Self::densities`].
 ///
-/// Cost of the density statistics (SmolLM2-135M, prefill of 512 tokens, 2 threads, measured by
-/// the ignored test `density_cost` in `engine/tests/kvchunk_model.rs`): see that test's doc;
-/// on the development machine the statistics on every layer cost about
-/// 1% of the prefill time, within run-to-run noise.
+/// Cost of the density statistics (measured by the ignored tests `attend_speed` and
+/// `density_cost` in `engine/tests/kvchunk_model.rs`, on a shared 2-core AMD EPYC): per
+/// attention call they add one pass over the probabilities (summing the heads per position),
+/// one 16-element sum per visible slot and two relaxed atomic adds per visible slot. On
+/// prefill-style attention (512 causal queries, SmolLM2 shape) that is about +2..6% of the
+/// attention time; on a full SmolLM2-135M prefill of 512 tokens, where attention is about a
+/// fifth of the time, +1..2.5% (1 thread CPU time 3.03 s → 3.07 s; 2 threads wall 3.26 s →
+/// 3.34 s), below this machine's run-to-run noise. Sampling every 4th layer makes it
+/// unmeasurable.
 #[derive(Debug)]
 pub struct ChunkedKv {
     pub(super) shape: KvShape,
@@ -184,9 +214,10 @@ impl ChunkedKv {
     }
 
     /// A cache over existing slots holding positions `0..len`: there must be exactly
-    /// `ceil(len / 16)` slots, all of this shape; sealed slots must be complete... or be
-    /// filled later behind a [`LayerGate`], and must lie entirely below `len`; staged slots
-    /// must hold their positions below `len` (their token counts are set to match).
+    /// `ceil(len / 16)` slots, all of this shape. Sealed slots must lie entirely below `len`;
+    /// they may still be missing layers that a loader fills behind a [`LayerGate`] (see
+    /// [`Self::set_gate`]). Staged slots must hold at least their positions below `len` (their
+    /// token counts are set to exactly those).
     pub fn from_slots(
         shape: KvShape,
         capacity: usize,

@@ -273,7 +273,8 @@ impl SealedChunk {
         out.n_tokens = T;
         for l in 0..self.shape.n_layers {
             if let Some(bytes) = self.layer(l) {
-                decode_layer(self.shape, self.precision, bytes, &mut out, l);
+                // Cannot fail: set_layer checked the length, and `out` has this shape.
+                let _ = decode_layer(self.precision, bytes, &mut out, l);
             }
         }
         out
@@ -299,8 +300,17 @@ pub(crate) fn code_of(x: f32, scale: f32, min: f32, levels: u32) -> u8 {
     if scale == 0.0 {
         return 0;
     }
-    // NaN saturates to 0 in the cast.
-    ((x - min) / scale).round().clamp(0.0, levels as f32) as u8
+    // clamp(round(v), 0, levels) (round half away from zero), without a libm call: for
+    // 0 < v < levels, `v - trunc(v)` is exact. NaN gives 0.
+    let v = (x - min) / scale;
+    if v.is_nan() || v <= 0.0 {
+        return 0;
+    }
+    if v >= levels as f32 {
+        return levels as u8;
+    }
+    let i = v as u32;
+    (i + u32::from(v - i as f32 >= 0.5)) as u8
 }
 
 /// Packs 16 codes of `bits` bits into `out` (`2 * bits` bytes): code `i` goes to byte
@@ -418,18 +428,28 @@ fn encode_int_group(x: &[f32; T], bits: u32, levels: u32, out: &mut [u8]) -> ([u
     (sh.to_le_bytes(), mh.to_le_bytes())
 }
 
-/// Decodes one layer's bytes (of the right length) into rows 0..16 of `dst`'s `layer`.
+/// Decodes one layer's bytes (at precision `p`, of `dst`'s shape) into rows 0..16 of `dst`'s
+/// `layer`.
 pub fn decode_layer(
-    shape: KvShape,
     p: Precision,
     bytes: &[u8],
     dst: &mut StagedChunk,
     layer: usize,
-) {
+) -> Result<(), ChunkError> {
+    let shape = dst.shape;
     let lay = BlockLayout::new(shape, p);
-    if bytes.len() != layer_bytes(shape, p) || layer >= shape.n_layers || dst.shape != shape {
-        debug_assert!(false, "decode_layer: bad arguments");
-        return;
+    if layer >= shape.n_layers {
+        return Err(ChunkError::LayerOutOfRange {
+            layer,
+            n_layers: shape.n_layers,
+        });
+    }
+    let expected = layer_bytes(shape, p);
+    if bytes.len() != expected {
+        return Err(ChunkError::ByteLength {
+            expected,
+            found: bytes.len(),
+        });
     }
     let (kw, vw) = (k_width(shape), v_width(shape));
     let (dk, dv) = (shape.head_dim, shape.v_head_dim);
@@ -475,4 +495,5 @@ pub fn decode_layer(
             }
         }
     }
+    Ok(())
 }

@@ -21,7 +21,8 @@
 //! * int4: byte `i` (`0..8`) = code `i` | code `i + 8` << 4;
 //! * int2: byte `i` (`0..4`) = code `i` | code `i + 4` << 2 | code `i + 8` << 4 | code `i + 12` << 6.
 //!
-//! (So a group unpacks with one shift per lane to the 16 codes in order, see `avx2.rs`.)
+//! (So a group unpacks to its 16 codes in order with one zero-extension or broadcast and a
+//! shift per lane, see `avx2.rs`.)
 //!
 //! A layer is `H` head blocks, head 0 first. A head block is its keys then its values:
 //!
@@ -53,6 +54,24 @@
 //! 7104 at int8, 4032 at int4, 2496 at int2; staged (f32) it is 24576. The per-channel key
 //! scales cost 2 bits per key element (4 bytes per channel per 16 tokens), the per-token value
 //! scales 0.5 bits per value element: int4 averages 5.25 bits per element there, int2 3.25.
+//!
+//! # Measured (SmolLM2-135M, `engine/tests/kvchunk_model.rs`)
+//!
+//! Relative RMS error of the reconstruction on real keys/values (GPL-3, 8 chunks × 30 layers),
+//! and the mean KL divergence of 128 next-token distributions when a 256-token history is held
+//! at the precision (the forward pass's own noise floor, history jittered by 1e-6, is 0.003):
+//!
+//! | format | K rel. RMS | V rel. RMS | KL |
+//! |---|---|---|---|
+//! | f16 | 0.0002 | 0.0002 | 0.003 |
+//! | int8 | 0.0019 | 0.0055 | 0.004 |
+//! | int4 | 0.032 | 0.093 | 0.008 |
+//! | int2 | 0.16 | 0.47 | 0.11 |
+//!
+//! Keys per token instead of per channel would be 4× worse (int4: 0.13). Single-thread attention
+//! of one decode query over 1024 positions (9 heads on 3 kv heads): f32 `ContiguousKv` about
+//! 250 µs per layer when cache-resident, 500 µs cycling through 30 layers; sealed chunks
+//! 80–100 µs and 80–135 µs (int4 fastest once memory-bound).
 
 mod attend;
 #[cfg(target_arch = "x86_64")]
@@ -63,7 +82,7 @@ mod format;
 mod tests;
 
 pub use cache::{ChunkSlot, ChunkedKv, Density, LayerGate};
-pub use format::{SealedChunk, StagedChunk};
+pub use format::{decode_layer, encode_layer, SealedChunk, StagedChunk};
 
 use crate::kv::KvShape;
 

@@ -292,7 +292,15 @@ fn f16_chunks_requantize_exactly() {
     // And decode_layer writes exactly what dequantize gives.
     let mut one = StagedChunk::new(s);
     let bytes = encode_layer(&master, 1, Precision::Int4).unwrap();
-    decode_layer(s, Precision::Int4, &bytes, &mut one, 1);
+    decode_layer(Precision::Int4, &bytes, &mut one, 1).unwrap();
+    assert!(matches!(
+        decode_layer(Precision::Int8, &bytes, &mut one, 1),
+        Err(ChunkError::ByteLength { .. })
+    ));
+    assert!(matches!(
+        decode_layer(Precision::Int4, &bytes, &mut one, 2),
+        Err(ChunkError::LayerOutOfRange { .. })
+    ));
     let int4 = SealedChunk::quantize(&master, Precision::Int4)
         .unwrap()
         .dequantize()
@@ -513,6 +521,15 @@ fn simd_kernels_match_scalar() {
 // ---------------------------------------------------------------------------------------------
 // ChunkedKv
 
+/// (layer, pos, window, heads, q)
+type Q = (
+    usize,
+    usize,
+    Option<usize>,
+    std::ops::Range<usize>,
+    Vec<f32>,
+);
+
 struct Fixture {
     shape: KvShape,
     n_heads: usize,
@@ -603,16 +620,7 @@ impl Fixture {
         c
     }
 
-    fn queries(
-        &self,
-        rng: &mut ChaCha8Rng,
-    ) -> Vec<(
-        usize,
-        usize,
-        Option<usize>,
-        std::ops::Range<usize>,
-        Vec<f32>,
-    )> {
+    fn queries(&self, rng: &mut ChaCha8Rng) -> Vec<Q> {
         let hd = self.shape.head_dim;
         let mut out = Vec::new();
         let last = self.len - 1;
@@ -640,18 +648,7 @@ impl Fixture {
     }
 }
 
-fn run(
-    kv: &dyn KvCache,
-    n_heads: usize,
-    dv: usize,
-    q: &(
-        usize,
-        usize,
-        Option<usize>,
-        std::ops::Range<usize>,
-        Vec<f32>,
-    ),
-) -> Vec<f32> {
+fn run(kv: &dyn KvCache, n_heads: usize, dv: usize, q: &Q) -> Vec<f32> {
     let (layer, pos, window, heads, qv) = q;
     let query = AttnQuery {
         layer: *layer,
@@ -1026,4 +1023,61 @@ fn truncate_and_set_len() {
     );
     kv.truncate(0);
     assert!(kv.is_empty() && kv.slots().is_empty());
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn simd_exp_and_softmax_match_scalar() {
+    if !super::attend::simd_available() {
+        return;
+    }
+    let mut worst = 0.0f32;
+    let mut x = -87.0f32;
+    while x <= 0.0 {
+        let (a, b) = (super::avx2::exp_one(x), x.exp());
+        worst = worst.max((a - b).abs() / b);
+        x += 0.0137;
+    }
+    assert!(worst < 4e-7, "relative error {worst}");
+    assert_eq!(super::avx2::exp_one(-100.0), 0.0);
+    assert_eq!(super::avx2::exp_one(0.0), 1.0);
+    let mut rng = ChaCha8Rng::seed_from_u64(20);
+    for n in [1, 5, 8, 13, 64, 77] {
+        let rows: Vec<f32> = (0..3 * n).map(|_| rng.gen_range(-30.0..30.0)).collect();
+        let mut a = rows.clone();
+        // SAFETY: checked above.
+        unsafe { super::avx2::softmax_rows(&mut a, n) };
+        for (r, ar) in rows.chunks(n).zip(a.chunks(n)) {
+            let max = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let e: Vec<f32> = r.iter().map(|x| (x - max).exp()).collect();
+            let s: f32 = e.iter().sum();
+            for (x, y) in e.iter().zip(ar) {
+                assert!(
+                    (x / s - y).abs() <= 1e-6 * (1.0 + x / s),
+                    "{} vs {y}",
+                    x / s
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn codes_round_half_away_from_zero() {
+    use super::format::code_of;
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    for levels in [3u32, 15, 255] {
+        let l = levels as f32;
+        let mut cases: Vec<f32> = (0..20000).map(|_| rng.gen_range(-2.0..l + 2.0)).collect();
+        cases.extend((0..=2 * levels + 2).map(|k| k as f32 * 0.5 - 0.5));
+        cases.extend([0.49999997, 0.5, 1.4999999, f32::NAN, f32::INFINITY, -0.0]);
+        for v in cases {
+            let want = if v.is_nan() {
+                0
+            } else {
+                v.round().clamp(0.0, l) as u8
+            };
+            assert_eq!(code_of(v, 1.0, 0.0, levels), want, "{v} levels {levels}");
+        }
+    }
 }
