@@ -1387,7 +1387,11 @@ impl KvStore {
             .iter()
             .filter_map(|&i| {
                 let id = self.apps[a].contexts[&c].chunks[i];
-                self.apps[a].chunks.get(&id).and_then(|e| e.file).map(|f| f.num)
+                self.apps[a]
+                    .chunks
+                    .get(&id)
+                    .and_then(|e| e.file)
+                    .map(|f| f.num)
             })
             .collect();
         needed.extend(tail_file.map(|f| f.num));
@@ -1620,7 +1624,11 @@ impl KvStore {
         let files: Vec<&ChunkFile> = to_read.iter().map(|(_, _, f)| f).collect();
         let any_recompute = layout.iter().any(Option::is_none);
         // With nothing to recompute the engine threads are idle: read on two threads.
-        let n_loaders = if any_recompute || pending.len() < 2 { 1 } else { 2 };
+        let n_loaders = if any_recompute || pending.len() < 2 {
+            1
+        } else {
+            2
+        };
         let progress: Vec<std::sync::atomic::AtomicUsize> =
             (0..n_loaders).map(|_| Default::default()).collect();
         let model = Arc::clone(&self.model);

@@ -70,12 +70,20 @@ fn probe(store: &mut KvStore, app: &str, id: &str, probe: u32) -> (Vec<f32>, Res
     (logits, report)
 }
 
-/// Same next token and every logit within `tol`.
-fn assert_close(a: &[f32], b: &[f32], tol: f32) {
+/// Two next-token distributions agree: KL(a‖b) within `max_kl` nats (logits themselves move
+/// by up to ~1 when activations re-quantized to Q8 see float-noise inputs), and the top token
+/// of each is (near) the top of the other.
+fn assert_close(a: &[f32], b: &[f32], max_kl: f64) {
+    let logp = |v: &[f32]| {
+        let m = v.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let z = v.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln() + m;
+        v.iter().map(move |&x| x as f64 - z).collect::<Vec<f64>>()
+    };
+    let (la, lb) = (logp(a), logp(b));
+    let kl: f64 = la.iter().zip(&lb).map(|(x, y)| x.exp() * (x - y)).sum();
     let d = max_abs_diff(a, b);
-    eprintln!("max |logit difference| = {d}");
-    assert!(d <= tol, "logits differ by {d}");
-    // The top token of one is (near) the top of the other: ties may swap, nothing more.
+    eprintln!("KL = {kl:.5}, max |logit difference| = {d}");
+    assert!(kl <= max_kl, "next-token distributions differ: KL {kl}");
     let (ta, tb) = (argmax(a) as usize, argmax(b) as usize);
     assert!(
         b[tb] - b[ta] <= 2.0 * d && a[ta] - a[tb] <= 2.0 * d,
@@ -194,7 +202,7 @@ fn recompute_policy_rebuilds_the_context() {
     store.evict_context("app", &id).expect("evict");
     let (rebuilt, r) = probe(&mut store, "app", &id, PROBE);
     assert_eq!(r.chunks_recomputed, 6, "{r:?}");
-    assert_close(&resident, &rebuilt, 1.0);
+    assert_close(&resident, &rebuilt, 0.02);
     // Nothing was written for this policy.
     let files = kv_files(dir.path());
     assert!(files.is_empty(), "{files:?}");
@@ -243,7 +251,7 @@ fn damaged_and_missing_swap_files_are_recomputed() {
     assert_eq!(r.chunks_recomputed, 2, "{r:?}");
     assert_eq!(r.chunks_read, 4, "{r:?}");
     compare_chunks(&before, &store.resident_chunks("app", &id), &[0, 2, 3, 5]);
-    assert_close(&resident, &restored, 1.0);
+    assert_close(&resident, &restored, 0.02);
 }
 
 #[test]
@@ -272,7 +280,7 @@ fn pipelined_restore_reads_and_recomputes_at_once() {
     // A prefix is recomputed, the rest read back bit for bit.
     let read: Vec<usize> = (r.chunks_recomputed..8).collect();
     compare_chunks(&before, &store.resident_chunks("app", &id), &read);
-    assert_close(&resident, &restored, 1.5);
+    assert_close(&resident, &restored, 0.05);
 }
 
 #[test]
@@ -388,7 +396,7 @@ fn truncate_delete_limits_and_foreign_ids() {
     let fresh = store.create_context("app", &text[..40]).unwrap();
     let (p1, _) = probe(&mut store, "app", &a, PROBE);
     let (p2, _) = probe(&mut store, "app", &fresh, PROBE);
-    assert_close(&p1, &p2, 1.0);
+    assert_close(&p1, &p2, 0.02);
     assert!(matches!(
         store.truncate("app", &a, 41),
         Err(StoreError::InvalidRequest(_))
