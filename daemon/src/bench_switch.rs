@@ -47,6 +47,10 @@ pub struct SwitchArgs {
     /// Mean bits per element for the llms policy.
     #[arg(long, default_value_t = llmsd::kvstore::store::DEFAULT_AVG_BITS)]
     kv_bits_avg: f64,
+    /// Evict the picked context completely before each call, so every restore reads (or
+    /// recomputes) all of its chunks.
+    #[arg(long)]
+    cold: bool,
     /// Where the swap files go [default: a fresh directory under $TMPDIR, removed after].
     #[arg(long)]
     state_dir: Option<PathBuf>,
@@ -147,6 +151,9 @@ fn run(
         prev = cur;
         cur = pick;
         let id = &ids[pick];
+        if a.cold {
+            store.evict_context(app, id)?;
+        }
         let t0 = Instant::now();
         let mut s = store.open_session(app, id, 32)?;
         let restore_s = if s.restore.was_resident {
@@ -188,6 +195,7 @@ fn run(
         "switches": a.switches,
         "pattern": format!("{:?}", a.pattern).to_lowercase(),
         "kv_budget_mib": a.kv_budget_mib,
+        "cold": a.cold,
         "restore_mean_ms": mean,
         "restore_median_ms": percentile(&sorted, 0.5),
         "restore_p90_ms": percentile(&sorted, 0.9),

@@ -78,10 +78,12 @@ impl Policy {
         }
     }
 
-    /// Precision a chunk is sealed at during a call.
+    /// Precision a chunk is sealed at during a call (`llms`: provisional, until the call's
+    /// densities place it; its f16 master goes to disk at once).
     fn seal_precision(self) -> Precision {
         match self {
             Policy::PagedInt8 => Precision::Int8,
+            Policy::Llms => Precision::Int4,
             _ => Precision::F16,
         }
     }
@@ -233,6 +235,8 @@ pub struct Session {
     appended: Vec<u32>,
     /// The open tail as it was, so an aborted call leaves the context untouched.
     tail_before: Option<Box<StagedChunk>>,
+    /// `llms`: f16 masters of the chunks sealed in this session, by slot, already queued.
+    masters: HashMap<usize, FileRef>,
     pub restore: RestoreReport,
 }
 
@@ -1012,6 +1016,7 @@ impl KvStore {
                             kv,
                             appended: Vec::new(),
                             tail_before,
+                            masters: HashMap::new(),
                             restore,
                         })
                     }
@@ -1355,6 +1360,7 @@ impl KvStore {
 
     /// Reads and recomputes whatever of the context is not resident.
     fn restore(&mut self, a: usize, c: u64) -> Result<RestoreReport> {
+        let t_start = Instant::now();
         let mut report = RestoreReport::default();
         let shape = self.shape;
         let (n_chunks, n_tokens, tail_resident, tail_file, whole) = {
@@ -1527,10 +1533,20 @@ impl KvStore {
             .map(|(&i, _)| i)
             .collect();
 
+        tracing::debug!(
+            prepare_ms = t_start.elapsed().as_secs_f64() * 1e3,
+            reads = to_read.len(),
+            "restore planned"
+        );
         // At most two rounds: a read that fails its checksum is recomputed in the second.
         for _round in 0..2 {
+            let t_round = Instant::now();
             let outcome =
                 self.read_and_recompute(a, c, &to_read, &recompute_set, tail_staged.take())?;
+            tracing::debug!(
+                ms = t_round.elapsed().as_secs_f64() * 1e3,
+                "restore read and recompute"
+            );
             report.bytes_read += outcome.bytes_read;
             report.chunks_read += outcome.read_ok;
             report.chunks_recomputed += outcome.recomputed;
@@ -1848,11 +1864,21 @@ impl KvStore {
         let full = s.kv.len() / CHUNK_TOKENS;
         let p = self.cfg.policy.seal_precision();
         for i in 0..full {
+            let Some(ChunkSlot::Staged(st)) = s.kv.slot_mut(i) else {
+                continue;
+            };
+            let sealed = if self.cfg.policy == Policy::Llms {
+                // The f16 master is what every later precision is quantized from.
+                let master = Arc::new(SealedChunk::quantize(st, Precision::F16)?);
+                let q = SealedChunk::quantize(&master.dequantize()?, p)?;
+                let f = self.queue_sealed(s.app, &master);
+                s.masters.insert(i, f);
+                q
+            } else {
+                SealedChunk::quantize(st, p)?
+            };
             if let Some(slot) = s.kv.slot_mut(i) {
-                if let ChunkSlot::Staged(st) = slot {
-                    let sealed = SealedChunk::quantize(st, p)?;
-                    *slot = ChunkSlot::Sealed(Arc::new(sealed));
-                }
+                *slot = ChunkSlot::Sealed(Arc::new(sealed));
             }
         }
         Ok(())
@@ -1860,13 +1886,18 @@ impl KvStore {
 
     /// Ends a call: the context takes its new tokens and chunks, densities are added,
     /// precisions rebalanced, the changes swapped out ahead of time, and the budget enforced.
-    pub fn close_session(&mut self, s: Session) -> Result<()> {
+    pub fn close_session(&mut self, mut s: Session) -> Result<()> {
         self.drain_io();
+        if let Err(e) = self.seal_full_slots(&mut s) {
+            self.abort_session(s);
+            return Err(e);
+        }
         let Session {
             app: a,
             ctx: c,
             kv,
             appended,
+            masters,
             ..
         } = s;
         let densities = kv.densities();
@@ -1887,7 +1918,6 @@ impl KvStore {
         if !appended.is_empty() {
             obsolete.extend(ctx.tail.file.take().map(|f| f.num));
         }
-        let mut new_masters: Vec<(u64, Arc<SealedChunk>)> = Vec::new();
         let mut tail: Option<Box<StagedChunk>> = None;
         let now = now_unix();
         for (i, slot) in slots.into_iter().enumerate() {
@@ -1910,12 +1940,10 @@ impl KvStore {
                 let mut e = new_entry(sealed.precision());
                 e.refs = 1;
                 e.last_use = now;
+                e.master = masters.get(&i).copied();
                 app.chunks.insert(id, e);
                 if let Some(ctx) = app.contexts.get_mut(&c) {
                     ctx.chunks.push(id);
-                }
-                if policy == Policy::Llms {
-                    new_masters.push((id, Arc::clone(&sealed)));
                 }
                 self.resident_bytes += sealed.resident_bytes() as u64;
                 if let Some(e) = self.apps[a].chunks.get_mut(&id) {
@@ -1974,15 +2002,7 @@ impl KvStore {
                     }
                 }
             }
-            Policy::Llms => {
-                for (id, master) in &new_masters {
-                    let f = self.queue_sealed(a, master);
-                    if let Some(e) = self.apps[a].chunks.get_mut(id) {
-                        e.master = Some(f);
-                    }
-                }
-                self.rebalance(a, c, &new_masters, &mut obsolete)?;
-            }
+            Policy::Llms => self.rebalance(a, c, &mut obsolete)?,
         }
         let tail_stale = !appended.is_empty() || self.apps[a].contexts[&c].tail.file.is_none();
         if !matches!(policy, Policy::SwapWhole | Policy::Recompute) && tail_stale {
@@ -2017,13 +2037,7 @@ impl KvStore {
 
     /// `llms`: chooses every chunk's precision under the ratio and re-quantizes this
     /// context's chunks whose level changed, always from their f16 master.
-    fn rebalance(
-        &mut self,
-        a: usize,
-        c: u64,
-        new_masters: &[(u64, Arc<SealedChunk>)],
-        obsolete: &mut Vec<u64>,
-    ) -> Result<()> {
+    fn rebalance(&mut self, a: usize, c: u64, obsolete: &mut Vec<u64>) -> Result<()> {
         // Global ranking over every app's chunks.
         let mut keys = Vec::new();
         let mut dens = Vec::new();
@@ -2045,19 +2059,22 @@ impl KvStore {
             let Some(&want) = target.get(&(a, id)) else {
                 continue;
             };
-            let (cur, has_file) = match self.apps[a].chunks.get(&id) {
-                Some(e) => (e.precision, e.file.is_some()),
+            let (cur, has_file, resident) = match self.apps[a].chunks.get(&id) {
+                Some(e) => (e.precision, e.file.is_some(), e.resident.clone()),
                 None => continue,
             };
-            if cur == want && has_file {
+            if cur == want {
+                // A new chunk already at its level only needs its swap file.
+                if let (false, Some(r)) = (has_file, resident) {
+                    let f = self.queue_sealed(a, &r);
+                    if let Some(e) = self.apps[a].chunks.get_mut(&id) {
+                        e.file = Some(f);
+                    }
+                }
                 continue;
             }
-            // Best copy: the master still in memory (new chunks), else its file.
-            let master: Option<StagedChunk> = match new_masters.iter().find(|(m, _)| *m == id) {
-                Some((_, m)) => Some(m.dequantize()?),
-                None => self.read_master(a, id),
-            };
-            let Some(master) = master else {
+            // Always from the f16 master, never from the current lossy copy.
+            let Some(master) = self.read_master(a, id) else {
                 tracing::warn!("chunk without a readable f16 master keeps its precision");
                 continue;
             };
