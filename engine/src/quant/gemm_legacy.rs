@@ -15,6 +15,14 @@ use super::{GgmlType, TileFn};
 #[path = "gemm_legacy_avx2.rs"]
 mod kernels;
 
+#[cfg(target_arch = "x86_64")]
+#[path = "gemv_legacy_avx2.rs"]
+mod stream;
+
+/// Token counts up to this take the streaming kernels (`gemv_legacy_avx2.rs`): one weight row
+/// at a time, front to back, every token of the call against it.
+pub(crate) const STREAM_MAX_TOK: usize = 8;
+
 /// The tile kernel for `ty`, if this file has one for this CPU.
 pub(crate) fn tile_fn(ty: GgmlType) -> Option<TileFn> {
     #[cfg(target_arch = "x86_64")]
@@ -87,6 +95,19 @@ fn tile<const K: u8>(
         }
         return;
     }
+    if n_tok <= STREAM_MAX_TOK && nb > 0 {
+        let (w, a) = (&w[..n_rows * w_row], &a[..n_tok * a_row]);
+        macro_rules! go {
+            ($($n:literal)*) => {
+                match n_tok {
+                    $($n => tile_stream::<K, $n>(nb, w, n_rows, a, out, out_stride),)*
+                    _ => {}
+                }
+            };
+        }
+        go!(1 2 3 4 5 6 7 8);
+        return;
+    }
     if K == kernels::Q4_1 && n_tok >= 2 && nb > 0 {
         let (w, a) = (&w[..n_rows * w_row], &a[..n_tok * a_row]);
         return tile_q4_1_panel(nb, w, n_rows, a, n_tok, out, out_stride);
@@ -133,6 +154,63 @@ fn tile<const K: u8>(
             t0 += nt;
         }
         r0 += nr;
+    }
+}
+
+/// `N <= STREAM_MAX_TOK` tokens through the streaming kernels: per chunk of at most
+/// `CHUNK_BLOCKS` blocks, every token's activations are re-laid once, then each weight row is
+/// streamed once per group of up to `MAX_T` tokens (with more than `MAX_T` tokens, rows go in
+/// groups of `ROWS` that stay in L1 while the token groups pass over them).
+///
+/// `w` holds exactly `n_rows` rows of `nb` blocks, `a` exactly `N` rows; AVX2 is available.
+#[cfg(target_arch = "x86_64")]
+fn tile_stream<const K: u8, const N: usize>(
+    nb: usize,
+    w: &[u8],
+    n_rows: usize,
+    a: &[u8],
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    use kernels::{a_block, w_block};
+    use stream::{arrange, rows, Acts, CHUNK_BLOCKS, MAX_T};
+    const ROWS: usize = 32;
+    let (wb, ab) = (w_block(K), a_block(K));
+    let (w_row, a_row) = (nb * wb, nb * ab);
+    if w.len() < n_rows * w_row || a.len() < N * a_row || !super::avx2::available() {
+        return;
+    }
+    let mut acts: [Acts; N] = std::array::from_fn(|_| Acts::default());
+    let group = if N <= MAX_T { n_rows.max(1) } else { ROWS };
+    for c0 in (0..nb).step_by(CHUNK_BLOCKS) {
+        let nbc = CHUNK_BLOCKS.min(nb - c0);
+        for (t, acts) in acts.iter_mut().enumerate() {
+            // SAFETY: AVX2/FMA/F16C checked; token t's row holds blocks c0..c0 + nbc
+            // (c0 + nbc <= nb), nbc <= CHUNK_BLOCKS.
+            unsafe { arrange::<K>(nbc, a[t * a_row + c0 * ab..].as_ptr(), acts) };
+        }
+        for r0 in (0..n_rows).step_by(group) {
+            let nr = group.min(n_rows - r0);
+            let wp = w[r0 * w_row + c0 * wb..].as_ptr();
+            for t0 in (0..N).step_by(MAX_T) {
+                let o = out.get_mut(t0 * out_stride + r0..).unwrap_or_default();
+                let add = c0 > 0;
+                macro_rules! run {
+                    ($t:literal) => {{
+                        let acts: &[Acts; $t] = acts[t0..t0 + $t].try_into().expect("tokens");
+                        // SAFETY: AVX2/FMA/F16C checked; rows r0..r0 + nr of `w` hold blocks
+                        // c0..c0 + nbc; `acts` were filled for nbc blocks.
+                        unsafe { rows::<K, $t>(nbc, wp, w_row, nr, acts, o, out_stride, add) }
+                    }};
+                }
+                match (N - t0).min(MAX_T) {
+                    1 => run!(1),
+                    2 => run!(2),
+                    3 => run!(3),
+                    _ => run!(4),
+                }
+            }
+        }
     }
 }
 
@@ -306,6 +384,26 @@ mod tests {
                         let pad = (n_rows + n_tok) % 3;
                         check(ty, f, cols, &w, n_rows, &a, n_tok, pad, "random");
                     }
+                }
+            }
+        }
+    }
+
+    /// Streaming path (1..=8 tokens): odd block counts (a tail pair), rows longer than one
+    /// activation chunk (2048 columns, the last chunk odd), and row groups (more than 4 tokens
+    /// and more than 32 rows).
+    #[test]
+    fn quant_gemm_legacy_stream_chunks_and_tails() {
+        let mut rng = ChaCha8Rng::seed_from_u64(43);
+        for ty in TYPES {
+            let Some(f) = tile(ty) else { continue };
+            for (cols, n_rows) in [(96, 5), (2144, 3), (4160, 2), (224, 37), (64, 70)] {
+                let w = random_weights(ty, cols * n_rows, &mut rng);
+                let a: Vec<u8> = (0..8)
+                    .flat_map(|_| quantized(ty, &random_activations(cols, &mut rng)))
+                    .collect();
+                for n_tok in 1..=8 {
+                    check(ty, f, cols, &w, n_rows, &a, n_tok, n_tok % 2, "stream");
                 }
             }
         }
