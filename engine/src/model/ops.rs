@@ -20,10 +20,11 @@ pub struct Matrix {
     pub gemm: Gemm,
 }
 
-/// Weight rows per block: a block stays in L1 while every token block passes over it.
-const ROW_BLOCK: usize = 16;
-/// Tokens per block: a block of quantized activations stays in L1/L2 across row blocks.
-const TOK_BLOCK: usize = 32;
+/// Weight rows per kernel call with many tokens (the kernels decode each strip of rows once per
+/// call, for every token of the call).
+const ROW_BLOCK: usize = 64;
+/// Tokens per kernel call: a block of quantized activations stays in L2 across row blocks.
+const TOK_BLOCK: usize = 64;
 
 /// `out[i] = x[i] / rms(x) * w[i]` for each row of `x` (width `w.len()`), in place.
 pub fn rms_norm_rows(x: &mut [f32], w: &[f32], eps: f32) {

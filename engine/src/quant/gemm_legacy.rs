@@ -95,6 +95,11 @@ fn tile<const K: u8>(
         }
         return;
     }
+    if n_tok > STREAM_MAX_TOK && nb > 0 {
+        if let Some(f) = super::panel::panel_fn(ty) {
+            return f(cols, w, n_rows, a, n_tok, out, out_stride);
+        }
+    }
     if n_tok <= STREAM_MAX_TOK && nb > 0 {
         let (w, a) = (&w[..n_rows * w_row], &a[..n_tok * a_row]);
         macro_rules! go {
