@@ -271,12 +271,18 @@ pub fn matmul_many(
         .flatten()
         .map(|(w, _, _)| w.rows * w.row_bytes)
         .sum();
-    pool.run(&|idx, n_threads| {
-        // This thread's share: a contiguous range of the jobs' rows taken together, split by
+    // A few tasks per thread, claimed dynamically: a thread slowed down (another process on
+    // its core, a slower core) takes fewer of them instead of holding up the others.
+    let n_tasks = match pool.n_threads() {
+        1 => 1,
+        t => t * TASKS_PER_THREAD,
+    };
+    pool.run_tasks(n_tasks, &|idx, n_tasks| {
+        // This task's share: a contiguous range of the jobs' rows taken together, split by
         // weight bytes (the jobs' types may differ).
         let (lo_b, hi_b) = (
-            split_point(total_bytes, n_threads, idx),
-            split_point(total_bytes, n_threads, idx + 1),
+            split_point(total_bytes, n_tasks, idx),
+            split_point(total_bytes, n_tasks, idx + 1),
         );
         let mut first_b = 0;
         for (w, w_data, out) in outs.iter().flatten() {
@@ -301,6 +307,8 @@ pub fn matmul_many(
 /// A job's matrix, its weights and its output, shared by the pool threads.
 type JobOut<'a> = (&'a Matrix, &'a [u8], DisjointSlice<'a, f32>);
 
+/// Tasks per pool thread in one [`matmul_many`] call.
+const TASKS_PER_THREAD: usize = 4;
 /// Most jobs of one [`matmul_many`] call.
 const MAX_JOBS: usize = 4;
 /// Token counts up to this (decode, batched decode) stream each thread's whole row range
