@@ -538,10 +538,62 @@ mod x86 {
         }
         let n_rows = n_rows.min(w.len() / w_row);
         let n_tok = n_tok.min(a.len() / a_row);
+        SCRATCH.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut s) => {
+                let s = s.get_or_insert_with(Box::default);
+                run_with::<K>(nb, w, n_rows, a, n_tok, out, out_stride, s);
+            }
+            // Not reached (kernels do not nest); kept for soundness of the borrow.
+            Err(_) => run_with::<K>(
+                nb,
+                w,
+                n_rows,
+                a,
+                n_tok,
+                out,
+                out_stride,
+                &mut Box::default(),
+            ),
+        });
+    }
+
+    /// Per-thread buffers of [`run`]: the panel and the activation scales (kept between
+    /// calls, so a call does not clear 47 KB of stack).
+    struct Scratch {
+        panel: Panel,
+        asc: [[f32; 4]; PT * PG + T * PG],
+    }
+
+    impl Default for Scratch {
+        fn default() -> Self {
+            Scratch {
+                panel: Panel::default(),
+                asc: [[0.0; 4]; PT * PG + T * PG],
+            }
+        }
+    }
+
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Option<Box<Scratch>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+
+    /// [`run`] with its buffers; `w` and `a` hold at least `n_rows` / `n_tok` whole rows.
+    #[allow(clippy::too_many_arguments)]
+    fn run_with<K: Kind>(
+        nb: usize,
+        w: &[u8],
+        n_rows: usize,
+        a: &[u8],
+        n_tok: usize,
+        out: &mut [f32],
+        out_stride: usize,
+        scratch: &mut Scratch,
+    ) {
+        let (w_row, a_row) = (nb * K::W_BYTES, nb * K::A_BYTES);
+        let Scratch { panel, asc } = scratch;
         let spb = K::BLOCK / 32;
         let bpc = PG / spb; // weight blocks per column chunk
-        let mut panel = Panel::default();
-        let mut asc = [[0.0f32; 4]; PT * PG + T * PG];
         for c0 in (0..nb).step_by(bpc) {
             let nbk = bpc.min(nb - c0);
             let ng = nbk * spb;
@@ -566,7 +618,7 @@ mod x86 {
                             ws[c0 * K::W_BYTES..].as_ptr(),
                             w_row,
                             nr,
-                            &mut panel,
+                            panel,
                         )
                     };
                     for t0 in (0..ntc).step_by(T) {
@@ -580,7 +632,7 @@ mod x86 {
                         // c0..c0 + nbk; `asc[t0·PG..]` holds T·PG entries (the buffer has
                         // T·PG spare) filled for tokens t0..t0 + nt (the rest are stale or zero,
                         // for dropped lanes only).
-                        let res = unsafe { strip_dot::<K>(ng, &panel, a_ptr, &asc[t0 * PG..]) };
+                        let res = unsafe { strip_dot::<K>(ng, panel, a_ptr, &asc[t0 * PG..]) };
                         for (i, v) in res.iter().enumerate().take(nt) {
                             let mut lanes = [0.0f32; PR];
                             // SAFETY: 8 f32 store to a local array.
