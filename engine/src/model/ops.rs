@@ -20,9 +20,9 @@ pub struct Matrix {
     pub gemm: Gemm,
 }
 
-/// Weight rows per kernel call with many tokens (the kernels decode each strip of rows once per
-/// call, for every token of the call).
-const ROW_BLOCK: usize = 64;
+/// Most weight rows per kernel call with many tokens (the kernels decode each strip of rows once
+/// per call, for every token of the call, and convert the call's activation scales once).
+const ROW_BLOCK: usize = 512;
 /// Tokens per kernel call: a block of quantized activations stays in L2 across row blocks.
 const TOK_BLOCK: usize = 64;
 
@@ -287,7 +287,12 @@ pub fn matmul_many(
         let mut first_b = 0;
         for (w, w_data, out) in outs.iter().flatten() {
             let job_b = w.rows * w.row_bytes;
-            let row_at = |b: usize| (b.clamp(first_b, first_b + job_b) - first_b) / w.row_bytes;
+            // Task boundaries fall on multiples of 8 rows (the kernels' strips).
+            let row_at =
+                |b: usize| match (b.clamp(first_b, first_b + job_b) - first_b) / w.row_bytes {
+                    r if r >= w.rows => w.rows,
+                    r => r / 8 * 8,
+                };
             let (lo, hi) = (row_at(lo_b), row_at(hi_b));
             first_b += job_b;
             if lo >= hi {
@@ -356,8 +361,8 @@ fn small_n(
     }
 }
 
-/// Rows `lo..hi` of `w` against all `n` tokens, in blocks of `ROW_BLOCK` rows (kept in L1)
-/// over which blocks of `TOK_BLOCK` tokens pass.
+/// Rows `lo..hi` of `w` against all `n` tokens, in calls of up to `ROW_BLOCK` rows (split
+/// evenly) × `TOK_BLOCK` tokens.
 fn blocked(
     w: &Matrix,
     w_data: &[u8],
@@ -367,26 +372,49 @@ fn blocked(
     lo: usize,
     hi: usize,
 ) {
-    let mut tile = [0.0f32; ROW_BLOCK * TOK_BLOCK];
-    let act_row = a.len() / n;
-    let (rows, rb) = (w.rows, w.row_bytes);
-    let mut r0 = lo;
-    while r0 < hi {
-        let nr = ROW_BLOCK.min(hi - r0);
-        let wblk = &w_data[r0 * rb..(r0 + nr) * rb];
-        for t0 in (0..n).step_by(TOK_BLOCK) {
-            let nt = TOK_BLOCK.min(n - t0);
-            let ablk = &a[t0 * act_row..(t0 + nt) * act_row];
-            w.gemm.run(w.cols, wblk, nr, ablk, nt, &mut tile, nr);
-            for t in 0..nt {
-                let at = (t0 + t) * rows + r0;
-                // SAFETY: rows lo..hi of this job belong to this thread alone, for every token.
-                let dst = unsafe { out.slice_mut(at..at + nr) };
-                dst.copy_from_slice(&tile[t * nr..(t + 1) * nr]);
+    thread_local! {
+        /// Each pool thread's output tile (ROW_BLOCK × TOK_BLOCK f32, too big for the stack).
+        static TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    TILE.with(|cell| {
+        let mut own = Vec::new();
+        let mut borrowed = cell.try_borrow_mut();
+        let tile = match borrowed.as_mut() {
+            Ok(t) => &mut **t,
+            // Not reached (products do not nest); kept for soundness of the borrow.
+            Err(_) => &mut own,
+        };
+        tile.resize(ROW_BLOCK * TOK_BLOCK, 0.0);
+        let act_row = a.len() / n;
+        let (rows, rb) = (w.rows, w.row_bytes);
+        let n_calls = (hi - lo).div_ceil(ROW_BLOCK);
+        for c in 0..n_calls {
+            let r0 = lo + split_point_rows(hi - lo, n_calls, c);
+            let nr = lo + split_point_rows(hi - lo, n_calls, c + 1) - r0;
+            let wblk = &w_data[r0 * rb..(r0 + nr) * rb];
+            for t0 in (0..n).step_by(TOK_BLOCK) {
+                let nt = TOK_BLOCK.min(n - t0);
+                let ablk = &a[t0 * act_row..(t0 + nt) * act_row];
+                w.gemm.run(w.cols, wblk, nr, ablk, nt, tile, nr);
+                for t in 0..nt {
+                    let at = (t0 + t) * rows + r0;
+                    // SAFETY: rows lo..hi of this job belong to this task alone, for every
+                    // token.
+                    let dst = unsafe { out.slice_mut(at..at + nr) };
+                    dst.copy_from_slice(&tile[t * nr..(t + 1) * nr]);
+                }
             }
         }
-        r0 += nr;
+    });
+}
+
+/// The boundary between pieces `idx - 1` and `idx` of `n` rows cut into `parts`, a multiple of
+/// 8 rows (the kernels' strips) except at the end.
+fn split_point_rows(n: usize, parts: usize, idx: usize) -> usize {
+    if idx >= parts {
+        return n;
     }
+    (n * idx / parts / 8 * 8).min(n)
 }
 
 #[cfg(test)]

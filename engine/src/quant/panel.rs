@@ -613,13 +613,7 @@ mod x86 {
                     // SAFETY: AVX2/FMA/F16C checked; `ws` holds `nr` rows, each with blocks
                     // c0..c0 + nbk (c0 + nbk <= nb); nbk·spb <= PG.
                     unsafe {
-                        decode_strip::<K>(
-                            nbk,
-                            ws[c0 * K::W_BYTES..].as_ptr(),
-                            w_row,
-                            nr,
-                            panel,
-                        )
+                        decode_strip::<K>(nbk, ws[c0 * K::W_BYTES..].as_ptr(), w_row, nr, panel)
                     };
                     for t0 in (0..ntc).step_by(T) {
                         let nt = T.min(ntc - t0);
