@@ -4,7 +4,12 @@
 //! a decode step has hundreds of ops, so spawning threads or parking on a condvar per op would
 //! cost more than the op. Workers spin on a generation counter for a short while after each op
 //! and only then park, so back-to-back ops start within a microsecond or so, while an idle pool
-//! costs no CPU. When the machine has a core per thread, each thread is pinned to its own core
+//! costs no CPU (and the caller only pays for a wake-up when a worker is parked).
+//!
+//! An op is a set of tasks claimed from a shared counter by whichever threads are running, the
+//! caller's included: a worker that the OS has descheduled (the machine is shared) or that
+//! runs slower does fewer tasks instead of stalling the op, and an op never waits for a worker
+//! that has not started on it. When the machine has a core per thread, each thread is pinned to its own core
 //! (the OS would otherwise migrate a spinning worker and lose its caches).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -21,9 +26,18 @@ const SPIN_ITERS: u32 = 20_000;
 struct Shared {
     n_threads: usize,
     generation: AtomicU64,
-    /// Points at a `Job` on the stack of the thread inside [`ThreadPool::run`].
+    /// Points at a `Job` on the stack of the thread inside [`ThreadPool::run_tasks`]; null
+    /// between jobs.
     job: AtomicPtr<Job<'static>>,
-    done: AtomicUsize,
+    /// Tasks of the current job, the next one to claim, and how many have finished.
+    n_tasks: AtomicUsize,
+    next: AtomicUsize,
+    finished: AtomicUsize,
+    /// Workers between announcing themselves and leaving a job: `run_tasks` does not return
+    /// (so the job stays alive) while this is non-zero.
+    active: AtomicUsize,
+    /// Workers parked (or about to park) on `wake`.
+    sleepers: AtomicUsize,
     panicked: AtomicBool,
     shutdown: AtomicBool,
     sleep_lock: Mutex<()>,
@@ -66,7 +80,11 @@ impl ThreadPool {
             n_threads,
             generation: AtomicU64::new(0),
             job: AtomicPtr::new(std::ptr::null_mut()),
-            done: AtomicUsize::new(0),
+            n_tasks: AtomicUsize::new(0),
+            next: AtomicUsize::new(0),
+            finished: AtomicUsize::new(0),
+            active: AtomicUsize::new(0),
+            sleepers: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
             shutdown: AtomicBool::new(false),
             sleep_lock: Mutex::new(()),
@@ -84,7 +102,7 @@ impl ThreadPool {
                             tracing::debug!(idx, "could not pin engine thread");
                         }
                     }
-                    worker_loop(&shared, idx)
+                    worker_loop(&shared)
                 })?;
             workers.push(handle);
         }
@@ -99,36 +117,52 @@ impl ThreadPool {
         self.shared.n_threads
     }
 
-    /// Runs `f(thread_index, n_threads)` once on every thread of the pool and returns when all
-    /// have finished. Panics (after all threads finished) if `f` panicked on any thread.
+    /// Runs `f(i, n_threads)` once for every `i < n_threads` and returns when all have
+    /// finished. Panics (after all finished) if `f` panicked anywhere. Each call is a task of
+    /// [`Self::run_tasks`]: normally every thread of the pool takes one, but a thread that is
+    /// late (descheduled by the OS, still waking up) leaves its task to the others.
     pub fn run(&self, f: &(dyn Fn(usize, usize) + Sync)) {
-        let n = self.shared.n_threads;
-        if n == 1 {
-            f(0, 1);
+        self.run_tasks(self.shared.n_threads, f);
+    }
+
+    /// Runs `f(i, n_tasks)` once for every task `i < n_tasks`, on whichever threads of the pool
+    /// claim them (the caller's included, in increasing order of `i`), and returns when all
+    /// have finished. Panics (after all finished) if `f` panicked anywhere.
+    ///
+    /// Tasks are claimed one at a time from a shared counter, so a thread that runs slower
+    /// (another process on its core, a slower core) simply ends up with fewer of them: split
+    /// work into a few tasks per thread to balance it.
+    pub fn run_tasks(&self, n_tasks: usize, f: &(dyn Fn(usize, usize) + Sync)) {
+        if n_tasks == 0 {
+            return;
+        }
+        let sh = &*self.shared;
+        if sh.n_threads == 1 || n_tasks == 1 {
+            for i in 0..n_tasks {
+                f(i, n_tasks);
+            }
             return;
         }
         let _guard = self.busy.lock().unwrap_or_else(|e| e.into_inner());
         let job: Job<'_> = f;
-        // SAFETY: the pointer is only dereferenced by workers between the generation bump below
-        // and their `done` increment, and this function does not return (even if `f` panics
-        // here, see the catch_unwind) until every worker has incremented `done`; so `job` and
-        // what it borrows outlive every use. The 'static is a lie told only to the atomic.
+        // SAFETY: the pointer is only dereferenced by workers that incremented `active` before
+        // loading it, and this function clears it and then waits for `active` to reach zero
+        // before returning (even if `f` panics here, see the catch_unwind); so `job` and what it
+        // borrows outlive every use. The 'static is a lie told only to the atomic.
         let ptr = &job as *const Job<'_> as *mut Job<'static>;
-        self.shared.job.store(ptr, Ordering::Release);
-        self.shared.done.store(0, Ordering::Release);
-        self.shared.generation.fetch_add(1, Ordering::AcqRel);
-        {
+        sh.n_tasks.store(n_tasks, Ordering::SeqCst);
+        sh.next.store(0, Ordering::SeqCst);
+        sh.finished.store(0, Ordering::SeqCst);
+        sh.job.store(ptr, Ordering::SeqCst);
+        sh.generation.fetch_add(1, Ordering::SeqCst);
+        if sh.sleepers.load(Ordering::SeqCst) > 0 {
             // Taking the lock orders this notify after a worker's check-then-wait.
-            let _l = self
-                .shared
-                .sleep_lock
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            self.shared.wake.notify_all();
+            let _l = sh.sleep_lock.lock().unwrap_or_else(|e| e.into_inner());
+            sh.wake.notify_all();
         }
-        let mine = catch_unwind(AssertUnwindSafe(|| f(0, n)));
+        let mine = catch_unwind(AssertUnwindSafe(|| run_claimed(sh, job)));
         let mut spins = 0u32;
-        while self.shared.done.load(Ordering::Acquire) < n - 1 {
+        while sh.finished.load(Ordering::Acquire) < n_tasks {
             spins = spins.wrapping_add(1);
             if spins.is_multiple_of(1024) {
                 std::thread::yield_now();
@@ -136,10 +170,11 @@ impl ThreadPool {
                 std::hint::spin_loop();
             }
         }
-        self.shared
-            .job
-            .store(std::ptr::null_mut(), Ordering::Release);
-        let worker_panicked = self.shared.panicked.swap(false, Ordering::AcqRel);
+        sh.job.store(std::ptr::null_mut(), Ordering::SeqCst);
+        while sh.active.load(Ordering::SeqCst) > 0 {
+            std::hint::spin_loop();
+        }
+        let worker_panicked = sh.panicked.swap(false, Ordering::AcqRel);
         if let Err(p) = mine {
             std::panic::resume_unwind(p);
         }
@@ -158,11 +193,28 @@ impl ThreadPool {
             f(0..n_items);
             return;
         }
-        self.run(&|idx, _| {
-            if idx < n {
-                f(split_range(n_items, n, idx));
-            }
-        });
+        self.run_tasks(n, &|idx, _| f(split_range(n_items, n, idx)));
+    }
+}
+
+/// Claims and runs tasks of `job` until none are left. A panicking task still counts as
+/// finished (the panic is re-raised by the caller of `run_tasks` on its own thread, or
+/// reported through `panicked` from a worker).
+fn run_claimed(sh: &Shared, job: Job<'_>) {
+    let n = sh.n_tasks.load(Ordering::SeqCst);
+    let mut first_panic = None;
+    loop {
+        let i = sh.next.fetch_add(1, Ordering::AcqRel);
+        if i >= n {
+            break;
+        }
+        if let Err(p) = catch_unwind(AssertUnwindSafe(|| job(i, n))) {
+            first_panic.get_or_insert(p);
+        }
+        sh.finished.fetch_add(1, Ordering::AcqRel);
+    }
+    if let Some(p) = first_panic {
+        std::panic::resume_unwind(p);
     }
 }
 
@@ -175,7 +227,7 @@ pub fn split_range(n: usize, parts: usize, idx: usize) -> std::ops::Range<usize>
     start..start + len
 }
 
-fn worker_loop(shared: &Shared, idx: usize) {
+fn worker_loop(shared: &Shared) {
     let mut seen = 0u64;
     loop {
         let mut spins = 0u32;
@@ -183,7 +235,7 @@ fn worker_loop(shared: &Shared, idx: usize) {
             if shared.shutdown.load(Ordering::Acquire) {
                 return;
             }
-            let g = shared.generation.load(Ordering::Acquire);
+            let g = shared.generation.load(Ordering::SeqCst);
             if g != seen {
                 break g;
             }
@@ -192,24 +244,27 @@ fn worker_loop(shared: &Shared, idx: usize) {
                 std::hint::spin_loop();
             } else {
                 let l = shared.sleep_lock.lock().unwrap_or_else(|e| e.into_inner());
-                if shared.generation.load(Ordering::Acquire) == seen
+                shared.sleepers.fetch_add(1, Ordering::SeqCst);
+                if shared.generation.load(Ordering::SeqCst) == seen
                     && !shared.shutdown.load(Ordering::Acquire)
                 {
                     drop(shared.wake.wait(l).unwrap_or_else(|e| e.into_inner()));
                 }
+                shared.sleepers.fetch_sub(1, Ordering::SeqCst);
             }
         };
         seen = gen;
-        let ptr = shared.job.load(Ordering::Acquire);
+        shared.active.fetch_add(1, Ordering::SeqCst);
+        let ptr = shared.job.load(Ordering::SeqCst);
         if !ptr.is_null() {
-            // SAFETY: see `ThreadPool::run`: the job outlives this call because `run` waits
-            // for our `done` increment below.
+            // SAFETY: see `ThreadPool::run_tasks`: we announced ourselves in `active` before
+            // loading the pointer, so the job stays alive until we leave below.
             let job: Job<'_> = unsafe { *ptr };
-            if catch_unwind(AssertUnwindSafe(|| job(idx, shared.n_threads))).is_err() {
+            if catch_unwind(AssertUnwindSafe(|| run_claimed(shared, job))).is_err() {
                 shared.panicked.store(true, Ordering::Release);
             }
         }
-        shared.done.fetch_add(1, Ordering::AcqRel);
+        shared.active.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -307,6 +362,33 @@ mod tests {
                 assert_eq!(h.load(Ordering::Relaxed), 1);
             }
         }
+    }
+
+    #[test]
+    fn every_task_runs_once() {
+        let pool = ThreadPool::new(3).unwrap();
+        for n_tasks in [0, 1, 2, 3, 7, 100] {
+            for _ in 0..200 {
+                let hits: Vec<AtomicUsize> = (0..n_tasks).map(|_| AtomicUsize::new(0)).collect();
+                pool.run_tasks(n_tasks, &|i, n| {
+                    assert_eq!(n, n_tasks);
+                    hits[i].fetch_add(1, Ordering::Relaxed);
+                });
+                assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+            }
+        }
+    }
+
+    /// Many tiny tasks: the caller usually claims most of them before the worker wakes; all
+    /// are run once and the job completes.
+    #[test]
+    fn caller_takes_tasks_of_a_late_worker() {
+        let pool = ThreadPool::new(2).unwrap();
+        let count = AtomicUsize::new(0);
+        pool.run_tasks(1000, &|_, _| {
+            count.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(count.load(Ordering::Relaxed), 1000);
     }
 
     #[test]

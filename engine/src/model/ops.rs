@@ -1,6 +1,6 @@
 //! The elementwise and matrix ops of a decoder forward pass, over row-major f32 activations.
 
-use crate::pool::{split_range, DisjointSlice, ThreadPool};
+use crate::pool::{DisjointSlice, ThreadPool};
 use crate::quant::{self, Gemm, GgmlType};
 
 use super::config::RopeStyle;
@@ -20,10 +20,11 @@ pub struct Matrix {
     pub gemm: Gemm,
 }
 
-/// Weight rows per block: a block stays in L1 while every token block passes over it.
-const ROW_BLOCK: usize = 16;
-/// Tokens per block: a block of quantized activations stays in L1/L2 across row blocks.
-const TOK_BLOCK: usize = 32;
+/// Most weight rows per kernel call with many tokens (the kernels decode each strip of rows once
+/// per call, for every token of the call, and convert the call's activation scales once).
+const ROW_BLOCK: usize = 512;
+/// Tokens per kernel call: a block of quantized activations stays in L2 across row blocks.
+const TOK_BLOCK: usize = 64;
 
 /// `out[i] = x[i] / rms(x) * w[i]` for each row of `x` (width `w.len()`), in place.
 pub fn rms_norm_rows(x: &mut [f32], w: &[f32], eps: f32) {
@@ -255,49 +256,165 @@ pub fn matmul_many(
         used += 1;
     }
     let acts: &ActBuffers = acts;
-    let total_rows: usize = jobs.iter().map(|j| j.w.rows).sum();
-    let outs: Vec<(&Matrix, &[u8], DisjointSlice<'_, f32>)> = jobs
-        .iter_mut()
-        .map(|j| (j.w, j.data, DisjointSlice::new(&mut *j.out)))
-        .collect();
-    pool.run(&|idx, n_threads| {
-        let mine = split_range(total_rows, n_threads, idx);
-        let mut tile = [0.0f32; ROW_BLOCK * TOK_BLOCK];
-        let mut first = 0;
-        for (w, w_data, out) in &outs {
-            // This thread's share of this job's rows.
-            let (lo, hi) = (
-                mine.start.max(first) - first,
-                mine.end.min(first + w.rows).saturating_sub(first),
-            );
-            first += w.rows;
+    if jobs.len() > MAX_JOBS {
+        return Err(quant::QuantError::Unsupported(jobs[0].w.ty));
+    }
+    // Fixed-size table: no allocation per call.
+    let mut it = jobs.iter_mut();
+    let outs: [Option<JobOut<'_>>; MAX_JOBS] = std::array::from_fn(|_| {
+        it.next()
+            .map(|j| (j.w, j.data, DisjointSlice::new(&mut *j.out)))
+    });
+    let outs = &outs;
+    let total_bytes: usize = outs
+        .iter()
+        .flatten()
+        .map(|(w, _, _)| w.rows * w.row_bytes)
+        .sum();
+    // A few tasks per thread, claimed dynamically: a thread slowed down (another process on
+    // its core, a slower core) takes fewer of them instead of holding up the others.
+    let n_tasks = match pool.n_threads() {
+        1 => 1,
+        t => t * TASKS_PER_THREAD,
+    };
+    pool.run_tasks(n_tasks, &|idx, n_tasks| {
+        // This task's share: a contiguous range of the jobs' rows taken together, split by
+        // weight bytes (the jobs' types may differ).
+        let (lo_b, hi_b) = (
+            split_point(total_bytes, n_tasks, idx),
+            split_point(total_bytes, n_tasks, idx + 1),
+        );
+        let mut first_b = 0;
+        for (w, w_data, out) in outs.iter().flatten() {
+            let job_b = w.rows * w.row_bytes;
+            // Task boundaries fall on multiples of 8 rows (the kernels' strips).
+            let row_at =
+                |b: usize| match (b.clamp(first_b, first_b + job_b) - first_b) / w.row_bytes {
+                    r if r >= w.rows => w.rows,
+                    r => r / 8 * 8,
+                };
+            let (lo, hi) = (row_at(lo_b), row_at(hi_b));
+            first_b += job_b;
             if lo >= hi {
                 continue;
             }
             let a = acts.get(w.act_ty);
-            let act_row = a.len() / n;
-            let (rows, rb) = (w.rows, w.row_bytes);
-            let mut r0 = lo;
-            while r0 < hi {
-                let nr = ROW_BLOCK.min(hi - r0);
-                let wblk = &w_data[r0 * rb..(r0 + nr) * rb];
-                for t0 in (0..n).step_by(TOK_BLOCK) {
-                    let nt = TOK_BLOCK.min(n - t0);
-                    let ablk = &a[t0 * act_row..(t0 + nt) * act_row];
-                    w.gemm.run(w.cols, wblk, nr, ablk, nt, &mut tile, nr);
-                    for t in 0..nt {
-                        let at = (t0 + t) * rows + r0;
-                        // SAFETY: rows r0..r0+nr of this job belong to this thread alone, for
-                        // every token.
-                        let dst = unsafe { out.slice_mut(at..at + nr) };
-                        dst.copy_from_slice(&tile[t * nr..(t + 1) * nr]);
-                    }
-                }
-                r0 += nr;
+            if n <= SMALL_N {
+                small_n(w, w_data, a, n, out, lo, hi);
+            } else {
+                blocked(w, w_data, a, n, out, lo, hi);
             }
         }
     });
     Ok(())
+}
+
+/// A job's matrix, its weights and its output, shared by the pool threads.
+type JobOut<'a> = (&'a Matrix, &'a [u8], DisjointSlice<'a, f32>);
+
+/// Tasks per pool thread in one [`matmul_many`] call.
+const TASKS_PER_THREAD: usize = 4;
+/// Most jobs of one [`matmul_many`] call.
+const MAX_JOBS: usize = 4;
+/// Token counts up to this (decode, batched decode) stream each thread's whole row range
+/// through the kernels in long calls instead of row blocks.
+const SMALL_N: usize = 8;
+/// Outputs per kernel call on the small-n path.
+const SMALL_TILE: usize = 2048;
+
+/// The boundary between pieces `idx - 1` and `idx` when `total` is cut into `parts` near-equal
+/// pieces (a multiple of 64 bytes, so threads do not share a cache line of weights).
+fn split_point(total: usize, parts: usize, idx: usize) -> usize {
+    if idx >= parts {
+        return total;
+    }
+    let p = (total as u128 * idx as u128 / parts as u128) as usize;
+    (p / 64 * 64).min(total)
+}
+
+/// Rows `lo..hi` of `w` against all `n <= SMALL_N` tokens, in calls of up to
+/// `SMALL_TILE / n` rows.
+fn small_n(
+    w: &Matrix,
+    w_data: &[u8],
+    a: &[u8],
+    n: usize,
+    out: &DisjointSlice<'_, f32>,
+    lo: usize,
+    hi: usize,
+) {
+    let mut tile = [0.0f32; SMALL_TILE];
+    let (rows, rb) = (w.rows, w.row_bytes);
+    let chunk = SMALL_TILE / n;
+    let mut r0 = lo;
+    while r0 < hi {
+        let nr = chunk.min(hi - r0);
+        let wblk = &w_data[r0 * rb..(r0 + nr) * rb];
+        w.gemm.run(w.cols, wblk, nr, a, n, &mut tile, nr);
+        for t in 0..n {
+            let at = t * rows + r0;
+            // SAFETY: rows lo..hi of this job belong to this thread alone, for every token.
+            let dst = unsafe { out.slice_mut(at..at + nr) };
+            dst.copy_from_slice(&tile[t * nr..(t + 1) * nr]);
+        }
+        r0 += nr;
+    }
+}
+
+/// Rows `lo..hi` of `w` against all `n` tokens, in calls of up to `ROW_BLOCK` rows (split
+/// evenly) × `TOK_BLOCK` tokens.
+fn blocked(
+    w: &Matrix,
+    w_data: &[u8],
+    a: &[u8],
+    n: usize,
+    out: &DisjointSlice<'_, f32>,
+    lo: usize,
+    hi: usize,
+) {
+    thread_local! {
+        /// Each pool thread's output tile (ROW_BLOCK × TOK_BLOCK f32, too big for the stack).
+        static TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    TILE.with(|cell| {
+        let mut own = Vec::new();
+        let mut borrowed = cell.try_borrow_mut();
+        let tile = match borrowed.as_mut() {
+            Ok(t) => &mut **t,
+            // Not reached (products do not nest); kept for soundness of the borrow.
+            Err(_) => &mut own,
+        };
+        tile.resize(ROW_BLOCK * TOK_BLOCK, 0.0);
+        let act_row = a.len() / n;
+        let (rows, rb) = (w.rows, w.row_bytes);
+        let n_calls = (hi - lo).div_ceil(ROW_BLOCK);
+        for c in 0..n_calls {
+            let r0 = lo + split_point_rows(hi - lo, n_calls, c);
+            let nr = lo + split_point_rows(hi - lo, n_calls, c + 1) - r0;
+            let wblk = &w_data[r0 * rb..(r0 + nr) * rb];
+            for t0 in (0..n).step_by(TOK_BLOCK) {
+                let nt = TOK_BLOCK.min(n - t0);
+                let ablk = &a[t0 * act_row..(t0 + nt) * act_row];
+                w.gemm.run(w.cols, wblk, nr, ablk, nt, tile, nr);
+                for t in 0..nt {
+                    let at = (t0 + t) * rows + r0;
+                    // SAFETY: rows lo..hi of this job belong to this task alone, for every
+                    // token.
+                    let dst = unsafe { out.slice_mut(at..at + nr) };
+                    dst.copy_from_slice(&tile[t * nr..(t + 1) * nr]);
+                }
+            }
+        }
+    });
+}
+
+/// The boundary between pieces `idx - 1` and `idx` of `n` rows cut into `parts`, a multiple of
+/// 8 rows (the kernels' strips) except at the end.
+fn split_point_rows(n: usize, parts: usize, idx: usize) -> usize {
+    if idx >= parts {
+        return n;
+    }
+    (n * idx / parts / 8 * 8).min(n)
 }
 
 #[cfg(test)]
@@ -330,6 +447,191 @@ mod tests {
         let orig = id.clone();
         rope(&mut id, 4, 0.0, &inv, RopeStyle::HalfSplit, &mut cs);
         assert_eq!(id, orig);
+    }
+
+    /// Random weights of a legacy type: random quants, f16 scales of a sane size.
+    fn random_matrix(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> (Matrix, Vec<u8>) {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let row_bytes = ty.row_bytes(cols).unwrap();
+        let mut data = vec![0u8; rows * row_bytes];
+        rng.fill(&mut data[..]);
+        for b in data.chunks_exact_mut(ty.type_size()) {
+            let d = half::f16::from_f32(rng.gen_range(-0.05f32..0.05));
+            b[0..2].copy_from_slice(&d.to_le_bytes());
+            if ty == GgmlType::Q4_1 {
+                let m = half::f16::from_f32(rng.gen_range(-0.4f32..0.1));
+                b[2..4].copy_from_slice(&m.to_le_bytes());
+            }
+        }
+        let m = Matrix {
+            name: format!("{ty}"),
+            ty,
+            rows,
+            cols,
+            offset: 0,
+            row_bytes,
+            act_ty: quant::vec_dot_type(ty),
+            gemm: Gemm::new(ty).unwrap(),
+        };
+        (m, data)
+    }
+
+    /// `matmul_many` on 1..3 threads, for decode-sized and prefill-sized token counts and jobs
+    /// of different types (the byte split between threads), against scalar dots.
+    #[test]
+    fn matmul_many_matches_scalar_dots() {
+        let cols = 320;
+        let mats = [
+            random_matrix(GgmlType::Q4_1, 77, cols, 1),
+            random_matrix(GgmlType::Q8_0, 45, cols, 2),
+            random_matrix(GgmlType::Q5_0, 130, cols, 3),
+        ];
+        for threads in 1..=3 {
+            let pool = ThreadPool::new(threads).unwrap();
+            let mut acts = ActBuffers::default();
+            for n in [1, 2, 5, 8, 9, 40] {
+                let x: Vec<f32> = (0..n * cols)
+                    .map(|i| ((i * 7919) % 113) as f32 / 56.0 - 1.0)
+                    .collect();
+                let mut outs: Vec<Vec<f32>> = mats
+                    .iter()
+                    .map(|(m, _)| vec![f32::NAN; n * m.rows])
+                    .collect();
+                let mut jobs: Vec<MatJob<'_>> = mats
+                    .iter()
+                    .zip(outs.iter_mut())
+                    .map(|((m, d), o)| MatJob {
+                        w: m,
+                        data: d,
+                        out: o,
+                    })
+                    .collect();
+                matmul_many(&pool, &mut jobs, &x, n, &mut acts).unwrap();
+                for ((m, d), o) in mats.iter().zip(&outs) {
+                    let scalar = Gemm::scalar(m.ty).unwrap();
+                    let mut q = vec![0u8; m.act_ty.row_bytes(cols).unwrap()];
+                    for t in 0..n {
+                        quant::quantize_row(m.act_ty, &x[t * cols..(t + 1) * cols], &mut q)
+                            .unwrap();
+                        for r in 0..m.rows {
+                            let want =
+                                (scalar.vec_dot)(cols, &d[r * m.row_bytes..][..m.row_bytes], &q);
+                            let got = o[t * m.rows + r];
+                            assert!(
+                                (got - want).abs() <= 1e-3 * (1.0 + want.abs()),
+                                "{} threads={threads} n={n} t={t} r={r}: {got} vs {want}",
+                                m.ty
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Time of every matrix product of one forward pass (no attention) on a real model, for
+    /// a few token counts (run by hand: `LLMSD_BENCH_MODEL=gemma-3-270m-q4_k_m.gguf
+    /// LLMSD_THREADS=2 cargo test -p llmsd-engine --release matmul_bench -- --ignored
+    /// --nocapture`; `LLMSD_BENCH_TOKENS=1,8,64` picks the counts).
+    #[test]
+    #[ignore = "benchmark, run by hand"]
+    fn matmul_bench() {
+        let name = std::env::var("LLMSD_BENCH_MODEL")
+            .unwrap_or_else(|_| "SmolLM2-135M-Instruct.Q4_1.gguf".into());
+        let path =
+            std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../models")).join(&name);
+        let model = crate::model::Model::load(&path).unwrap();
+        let threads: usize = std::env::var("LLMSD_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2);
+        let pool = ThreadPool::new(threads).unwrap();
+        let toks: Vec<usize> = std::env::var("LLMSD_BENCH_TOKENS")
+            .unwrap_or_else(|_| "1,2,8,64".into())
+            .split(',')
+            .map(|v| v.parse().unwrap())
+            .collect();
+        let bytes = model.file().bytes();
+        let data = |m: &Matrix| &bytes[m.offset..m.offset + m.rows * m.row_bytes];
+        let w = &model.weights;
+        let mut groups: Vec<(&str, Vec<&Matrix>)> = Vec::new();
+        for l in &w.layers {
+            groups.push(("qkv", vec![&l.wq, &l.wk, &l.wv]));
+            groups.push(("wo", vec![&l.wo]));
+            groups.push(("gate_up", vec![&l.ffn_gate, &l.ffn_up]));
+            groups.push(("down", vec![&l.ffn_down]));
+        }
+        groups.push(("output", vec![&w.output]));
+        let mut acts = ActBuffers::default();
+        let max_cols = groups.iter().map(|g| g.1[0].cols).max().unwrap();
+        let mut outs: Vec<Vec<Vec<f32>>> = groups
+            .iter()
+            .map(|g| {
+                g.1.iter()
+                    .map(|m| vec![0.0; toks.iter().max().unwrap() * m.rows])
+                    .collect()
+            })
+            .collect();
+        for &n in &toks {
+            let x: Vec<f32> = (0..n * max_cols)
+                .map(|i| ((i * 7919) % 113) as f32 / 56.0 - 1.0)
+                .collect();
+            let reps = (160 / n).clamp(4, 20);
+            // Whole passes (each weight read once per pass, as in a forward call); the best
+            // time of each product over the passes (robust to other load on the machine).
+            let mut best: Option<Vec<f64>> = None;
+            for _ in 0..reps {
+                let mut times = Vec::with_capacity(groups.len());
+                for ((_, mats), out) in groups.iter().zip(outs.iter_mut()) {
+                    let cols = mats[0].cols;
+                    let mut jobs: Vec<MatJob<'_>> = mats
+                        .iter()
+                        .zip(out.iter_mut())
+                        .map(|(m, o)| MatJob {
+                            w: m,
+                            data: data(m),
+                            out: &mut o[..n * m.rows],
+                        })
+                        .collect();
+                    let t = std::time::Instant::now();
+                    matmul_many(&pool, &mut jobs, &x[..n * cols], n, &mut acts).unwrap();
+                    times.push(t.elapsed().as_secs_f64());
+                }
+                best = Some(match best {
+                    None => times,
+                    Some(b) => b.iter().zip(&times).map(|(a, b)| a.min(*b)).collect(),
+                });
+            }
+            let best = best.unwrap();
+            let mut by_kind: Vec<(&str, f64, usize)> = Vec::new();
+            for ((kind, mats), t) in groups.iter().zip(&best) {
+                let b: usize = mats.iter().map(|m| m.rows * m.row_bytes).sum();
+                match by_kind.iter_mut().find(|(k, _, _)| k == kind) {
+                    Some(e) => {
+                        e.1 += t;
+                        e.2 += b;
+                    }
+                    None => by_kind.push((kind, *t, b)),
+                }
+            }
+            let total: f64 = by_kind.iter().map(|e| e.1).sum();
+            let total_b: usize = by_kind.iter().map(|e| e.2).sum();
+            println!(
+                "{name} threads={threads} n={n}: {:.3} ms/pass, {:.1} tok/s, {:.2} GB/s",
+                total * 1e3,
+                n as f64 / total,
+                total_b as f64 / total / 1e9
+            );
+            for (k, t, b) in by_kind {
+                println!(
+                    "    {k:>8}: {:7.3} ms {:6.2} GB/s {:.1} MB",
+                    t * 1e3,
+                    b as f64 / t / 1e9,
+                    b as f64 / 1e6
+                );
+            }
+        }
     }
 
     #[test]

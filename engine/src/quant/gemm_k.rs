@@ -130,6 +130,11 @@ mod x86 {
             }
             return;
         }
+        if n_tok > crate::quant::gemm_legacy::STREAM_MAX_TOK {
+            if let Some(f) = crate::quant::panel::panel_fn(ty) {
+                return f(cols, w, n_rows, a, n_tok, out, out_stride);
+            }
+        }
         if n_tok == 1 {
             let len = n_rows.min(out.len());
             let out = &mut out[..len];

@@ -1,19 +1,23 @@
 //! Tile kernels (see [`super::TileFn`]) for the legacy block types: Q4_0, Q4_1, Q5_0 and Q8_0
-//! weights against Q8_0 / Q8_1 activations, on AVX2 + FMA + F16C CPUs (`gemm_legacy_avx2`).
+//! weights against Q8_0 / Q8_1 activations, on AVX2 + FMA + F16C CPUs.
 //!
-//! The safe driver walks the tile in register tiles of 4 rows × 2 tokens (smaller at the edges;
-//! 4 rows × 1 token when decoding a single sequence, four independent weight streams), so each
-//! decoded weight block serves 2 tokens and each activation block 4 rows.
-//!
-//! Q4_1 with 2+ tokens (prefill, batched decode) takes `tile_q4_1_panel` instead: each strip of
-//! 4 rows is decoded once per call into a stack panel of bytes + f32 scales, and the register
-//! tile then runs over every token pair of the call from the pre-decoded panel.
+//! Up to [`STREAM_MAX_TOK`] tokens (decode, batched decode) take the streaming kernels of
+//! `gemv_legacy_avx2.rs` (each weight row read once, front to back); more tokens (prefill) take
+//! the row-interleaved panel kernel of `panel.rs`, shared with the K-quants.
 
 use super::{GgmlType, TileFn};
 
 #[cfg(target_arch = "x86_64")]
 #[path = "gemm_legacy_avx2.rs"]
 mod kernels;
+
+#[cfg(target_arch = "x86_64")]
+#[path = "gemv_legacy_avx2.rs"]
+mod stream;
+
+/// Token counts up to this take the streaming kernels (`gemv_legacy_avx2.rs`): one weight row
+/// at a time, front to back, every token of the call against it.
+pub(crate) const STREAM_MAX_TOK: usize = 8;
 
 /// The tile kernel for `ty`, if this file has one for this CPU.
 pub(crate) fn tile_fn(ty: GgmlType) -> Option<TileFn> {
@@ -55,7 +59,7 @@ fn tile<const K: u8>(
     out: &mut [f32],
     out_stride: usize,
 ) {
-    use kernels::{a_block, tile as kern, w_block};
+    use kernels::{a_block, w_block};
     let ty = ggml_type(K);
     let nb = cols / 32;
     let (w_row, a_row) = (nb * w_block(K), nb * a_block(K));
@@ -87,124 +91,86 @@ fn tile<const K: u8>(
         }
         return;
     }
-    if K == kernels::Q4_1 && n_tok >= 2 && nb > 0 {
-        let (w, a) = (&w[..n_rows * w_row], &a[..n_tok * a_row]);
-        return tile_q4_1_panel(nb, w, n_rows, a, n_tok, out, out_stride);
-    }
-    let mut r0 = 0;
-    while r0 < n_rows {
-        let nr = (n_rows - r0).min(4);
-        let wt = &w[r0 * w_row..(r0 + nr) * w_row];
-        let mut t0 = 0;
-        while t0 < n_tok {
-            let nt = (n_tok - t0).min(2);
-            let at = &a[t0 * a_row..(t0 + nt) * a_row];
-            let (wp, ap) = (wt.as_ptr(), at.as_ptr());
-            let mut res = [[0.0f32; 2]; 4];
-            macro_rules! run {
-                ($r:literal, $t:literal) => {{
-                    // SAFETY: AVX2/FMA/F16C checked above; `wt` holds `$r` rows of `w_row` =
-                    // `nb` whole blocks and `at` `$t` rows of `a_row` bytes, which is all the
-                    // kernel reads.
-                    let v = unsafe { kern::<K, $r, $t>(nb, wp, w_row, ap, a_row) };
-                    for (dst, src) in res.iter_mut().zip(v) {
-                        dst[..$t].copy_from_slice(&src);
-                    }
-                }};
-            }
-            match (nr, nt) {
-                (4, 2) => run!(4, 2),
-                (4, _) => run!(4, 1),
-                (3, 2) => run!(3, 2),
-                (3, _) => run!(3, 1),
-                (2, 2) => run!(2, 2),
-                (2, _) => run!(2, 1),
-                (_, 2) => run!(1, 2),
-                _ => run!(1, 1),
-            }
-            for t in 0..nt {
-                let base = (t0 + t) * out_stride + r0;
-                for (r, row) in res.iter().enumerate().take(nr) {
-                    if let Some(o) = out.get_mut(base + r) {
-                        *o = row[t];
-                    }
+    if nb == 0 {
+        // Rows shorter than a block: every dot is 0.
+        for t in 0..n_tok {
+            for r in 0..n_rows {
+                if let Some(o) = out.get_mut(t * out_stride + r) {
+                    *o = 0.0;
                 }
             }
-            t0 += nt;
         }
-        r0 += nr;
+        return;
     }
+    if n_tok > STREAM_MAX_TOK {
+        if let Some(f) = super::panel::panel_fn(ty) {
+            f(cols, w, n_rows, a, n_tok, out, out_stride);
+        }
+        return;
+    }
+    let (w, a) = (&w[..n_rows * w_row], &a[..n_tok * a_row]);
+    macro_rules! go {
+        ($($n:literal)*) => {
+            match n_tok {
+                $($n => tile_stream::<K, $n>(nb, w, n_rows, a, out, out_stride),)*
+                _ => {}
+            }
+        };
+    }
+    go!(1 2 3 4 5 6 7 8);
 }
 
-/// Q4_1 with several tokens: each strip of 4 rows × up to `NBC` blocks is decoded once into a
-/// stack [`kernels::Panel`] and the activation scales of up to `TOKC` tokens converted once,
-/// then the register tile (4 rows × 2 tokens, see [`kernels::panel_q4_1`]) runs over the
-/// pre-decoded data. Blocks are split
-/// into equal chunks of at most `NBC`; chunks after the first add into `out`.
+/// `N <= STREAM_MAX_TOK` tokens through the streaming kernels: per chunk of at most
+/// `CHUNK_BLOCKS` blocks, every token's activations are re-laid once, then each weight row is
+/// streamed once per group of up to `MAX_T` tokens (with more than `MAX_T` tokens, rows go in
+/// groups of `ROWS` that stay in L1 while the token groups pass over them).
 ///
-/// `w` holds exactly `n_rows` rows of `nb` blocks, `a` exactly `n_tok` rows; AVX2 is available.
+/// `w` holds exactly `n_rows` rows of `nb` blocks, `a` exactly `N` rows; AVX2 is available.
 #[cfg(target_arch = "x86_64")]
-fn tile_q4_1_panel(
+fn tile_stream<const K: u8, const N: usize>(
     nb: usize,
     w: &[u8],
     n_rows: usize,
     a: &[u8],
-    n_tok: usize,
     out: &mut [f32],
     out_stride: usize,
 ) {
-    use kernels::{act_scales_q8_1, decode_panel_q4_1, panel_q4_1, Panel, NBC, TOKC};
-    let (w_row, a_row) = (nb * 20, nb * 36);
-    if w.len() < n_rows * w_row || a.len() < n_tok * a_row || !super::avx2::available() {
+    use kernels::{a_block, w_block};
+    use stream::{arrange, rows, Acts, CHUNK_BLOCKS, MAX_T};
+    const ROWS: usize = 32;
+    let (wb, ab) = (w_block(K), a_block(K));
+    let (w_row, a_row) = (nb * wb, nb * ab);
+    if w.len() < n_rows * w_row || a.len() < N * a_row || !super::avx2::available() {
         return;
     }
-    let mut panel = Panel::default();
-    let mut asc = [[0.0f32; 2]; NBC * TOKC + 1];
-    let chunk = nb.div_ceil(nb.div_ceil(NBC));
-    for b0 in (0..nb).step_by(chunk) {
-        let nbc = chunk.min(nb - b0);
-        for tc in (0..n_tok).step_by(TOKC) {
-            let ntc = TOKC.min(n_tok - tc);
-            let ab = &a[tc * a_row..(tc + ntc) * a_row];
-            // SAFETY: AVX2/FMA/F16C checked; `ab` holds `ntc <= TOKC` rows of `a_row` bytes, so
-            // blocks b0..b0+nbc (nbc <= NBC) of each are readable; `asc` has NBC·TOKC + 1
-            // entries.
-            unsafe { act_scales_q8_1(nbc, ntc, ab[b0 * 36..].as_ptr(), a_row, &mut asc) };
-            for r0 in (0..n_rows).step_by(4) {
-                let nr = 4.min(n_rows - r0);
-                let ws = &w[r0 * w_row..(r0 + nr) * w_row];
-                // SAFETY: as above; `ws` holds `nr <= 4` rows of `w_row` bytes, so blocks
-                // b0..b0+nbc of each are readable.
-                unsafe { decode_panel_q4_1(nbc, ws[b0 * 20..].as_ptr(), w_row, nr, &mut panel) };
-                let mut t = 0;
-                while t < ntc {
-                    let nt = 2.min(ntc - t);
-                    let ap = ab[t * a_row + b0 * 36..].as_ptr();
-                    let mut res = [[0.0f32; 2]; 4];
-                    // SAFETY: as above; tokens t..t+nt <= ntc of `ab` hold blocks b0..b0+nbc;
-                    // the panel holds blocks 0..nbc.
-                    if nt == 2 {
-                        res = unsafe { panel_q4_1::<2>(nbc, &panel, ap, a_row, &asc, t) };
-                    } else {
-                        let v = unsafe { panel_q4_1::<1>(nbc, &panel, ap, a_row, &asc, t) };
-                        for (dst, src) in res.iter_mut().zip(v) {
-                            dst[0] = src[0];
-                        }
-                    }
-                    for (tt, tok) in (tc + t..tc + t + nt).enumerate() {
-                        let base = tok * out_stride + r0;
-                        for (r, row) in res.iter().enumerate().take(nr) {
-                            if let Some(o) = out.get_mut(base + r) {
-                                let v = row[tt];
-                                if b0 == 0 {
-                                    *o = v;
-                                } else {
-                                    *o += v;
-                                }
-                            }
-                        }
-                    }
-                    t += nt;
+    let mut acts: [Acts; N] = std::array::from_fn(|_| Acts::default());
+    let group = if N <= MAX_T { n_rows.max(1) } else { ROWS };
+    for c0 in (0..nb).step_by(CHUNK_BLOCKS) {
+        let nbc = CHUNK_BLOCKS.min(nb - c0);
+        for (t, acts) in acts.iter_mut().enumerate() {
+            // SAFETY: AVX2/FMA/F16C checked; token t's row holds blocks c0..c0 + nbc
+            // (c0 + nbc <= nb), nbc <= CHUNK_BLOCKS.
+            unsafe { arrange::<K>(nbc, a[t * a_row + c0 * ab..].as_ptr(), acts) };
+        }
+        for r0 in (0..n_rows).step_by(group) {
+            let nr = group.min(n_rows - r0);
+            let wp = w[r0 * w_row + c0 * wb..].as_ptr();
+            for t0 in (0..N).step_by(MAX_T) {
+                let o = out.get_mut(t0 * out_stride + r0..).unwrap_or_default();
+                let add = c0 > 0;
+                macro_rules! run {
+                    ($t:literal) => {{
+                        let acts: &[Acts; $t] = acts[t0..t0 + $t].try_into().expect("tokens");
+                        // SAFETY: AVX2/FMA/F16C checked; rows r0..r0 + nr of `w` hold blocks
+                        // c0..c0 + nbc; `acts` were filled for nbc blocks.
+                        unsafe { rows::<K, $t>(nbc, wp, w_row, nr, acts, o, out_stride, add) }
+                    }};
+                }
+                match (N - t0).min(MAX_T) {
+                    1 => run!(1),
+                    2 => run!(2),
+                    3 => run!(3),
+                    _ => run!(4),
                 }
             }
         }
@@ -311,13 +277,34 @@ mod tests {
         }
     }
 
-    /// Q4_1 panel path: several block chunks (cols > 1536) and token chunks (> 32 tokens).
+    /// Streaming path (1..=8 tokens): odd block counts (a tail pair), rows longer than one
+    /// activation chunk (2048 columns, the last chunk odd), and row groups (more than 4 tokens
+    /// and more than 32 rows).
+    #[test]
+    fn quant_gemm_legacy_stream_chunks_and_tails() {
+        let mut rng = ChaCha8Rng::seed_from_u64(43);
+        for ty in TYPES {
+            let Some(f) = tile(ty) else { continue };
+            for (cols, n_rows) in [(96, 5), (2144, 3), (4160, 2), (224, 37), (64, 70)] {
+                let w = random_weights(ty, cols * n_rows, &mut rng);
+                let a: Vec<u8> = (0..8)
+                    .flat_map(|_| quantized(ty, &random_activations(cols, &mut rng)))
+                    .collect();
+                for n_tok in 1..=8 {
+                    check(ty, f, cols, &w, n_rows, &a, n_tok, n_tok % 2, "stream");
+                }
+            }
+        }
+    }
+
+    /// Panel path through the legacy dispatch: several column chunks (cols > 1024) and token
+    /// chunks (> 64 tokens).
     #[test]
     fn quant_gemm_legacy_tile_q4_1_chunks() {
         let mut rng = ChaCha8Rng::seed_from_u64(41);
         let ty = GgmlType::Q4_1;
         let Some(f) = tile(ty) else { return };
-        for (cols, n_rows, n_tok) in [(1600, 6, 37), (3136, 5, 33), (1568, 9, 64)] {
+        for (cols, n_rows, n_tok) in [(1600, 6, 37), (3136, 5, 33), (1568, 9, 70)] {
             let w = random_weights(ty, cols * n_rows, &mut rng);
             let a: Vec<u8> = (0..n_tok)
                 .flat_map(|_| quantized(ty, &random_activations(cols, &mut rng)))

@@ -1,0 +1,797 @@
+//! Many-token products (prefill) over a pre-decoded, row-interleaved weight panel, for every
+//! block type with a [`Kind`] here (Q4_0, Q4_1, Q5_0, Q8_0 and the K-quants).
+//!
+//! Why: in prefill each weight block meets dozens of tokens, so the cost that matters is the
+//! work per (row, 32 elements, token). The register tiles of `gemm_legacy_avx2` / `gemm_k_avx2`
+//! keep one row per accumulator and spend a `madd`, a convert, an FMA and a scale broadcast per
+//! row per block per token, plus horizontal sums. Here a strip of 8 rows is decoded once per call
+//! into unsigned bytes (signed for Q8_0) and transposed so that vector `k` of a 32-element
+//! sub-block holds elements `4k..4k+4` of all 8 rows (4 bytes per row): `maddubs` of it with the
+//! token's elements `4k..4k+4` broadcast to every lane leaves each row's products in its own
+//! 32-bit lane. Per (8 rows, sub-block, token): 8 broadcasts, 8 `maddubs` summed in i16 (as
+//! deep as the quants' range allows), one `madd`, one convert and one or two FMAs with the
+//! rows' scale vector; the result lanes are the 8 rows, with no horizontal sum.
+//!
+//! Scales: every type is written as `w = d·q + m` per sub-block (per half for Q6_K, whose scales
+//! cover 16 elements) with `q` the stored unsigned quant: Q4_0 / Q5_0 `m = d` with the offset
+//! (-8 / -16 × Σa) moved onto the activation; Q4_1 `m` = the block min; Q4_K / Q5_K `d·sc` and
+//! `-dmin·min`; Q6_K `d·sc` and `-32·d·sc`. The activation side supplies, per sub-block, its
+//! scale and the constant the `m` term multiplies (Q8_1's `s`, `d·Σa` from Q8_K's bsums, ...).
+//! Integer sums are exact, so results differ from the scalar dots only by float rounding.
+
+use super::GgmlType;
+
+/// Rows per strip (lanes of a ymm of i32).
+const PR: usize = 8;
+/// Most 32-element sub-blocks per column chunk (1024 columns); longer rows add chunk results.
+const PG: usize = 32;
+/// Most tokens whose activation scales are converted per chunk.
+const PT: usize = 64;
+/// Tokens per register tile.
+const T: usize = 4;
+
+/// The many-token kernel for weights of type `ty`, if this CPU has one.
+pub(crate) fn panel_fn(ty: GgmlType) -> Option<super::TileFn> {
+    #[cfg(target_arch = "x86_64")]
+    if super::avx2::available() {
+        use x86::*;
+        return match ty {
+            GgmlType::Q4_0 => Some(run::<KQ4_0>),
+            GgmlType::Q4_1 => Some(run::<KQ4_1>),
+            GgmlType::Q5_0 => Some(run::<KQ5_0>),
+            GgmlType::Q8_0 => Some(run::<KQ8_0>),
+            GgmlType::Q4_K => Some(run::<KQ4_K>),
+            GgmlType::Q5_K => Some(run::<KQ5_K>),
+            GgmlType::Q6_K => Some(run::<KQ6_K>),
+            _ => None,
+        };
+    }
+    let _ = ty;
+    None
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(non_camel_case_types)]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{PG, PR, PT, T};
+    use crate::quant::avx2::bytes_from_bits_32;
+    use crate::quant::k_quants::{k4_scales_mins, Q8_K_BSUMS, Q8_K_BYTES};
+
+    /// One weight type's layout and decoding.
+    pub(super) trait Kind {
+        /// Elements per weight block (32, or 256 for the K-quants).
+        const BLOCK: usize;
+        /// Bytes per weight block.
+        const W_BYTES: usize;
+        /// Bytes per activation block (Q8_0 34, Q8_1 36, Q8_K 292; same element count).
+        const A_BYTES: usize;
+        /// Signed weight bytes (Q8_0): `maddubs` gets `|w|` and the sign moves onto `a`.
+        const SIGNED: bool = false;
+        /// How many `maddubs` results may be summed in i16 before a `madd` (quant range).
+        const DEPTH: usize;
+        /// Two scales per sub-block, one per 16 elements (Q6_K).
+        const SPLIT: bool = false;
+        /// Whether there is an `m` term.
+        const HAS_M: bool = true;
+
+        /// Decodes weight block `p` into its `BLOCK / 32` sub-blocks: the 32 quants of sub-block
+        /// `j` in element order to `q[j]`, its scales to `d[j]` (and `d2[j]` for the second half
+        /// when SPLIT) and its `m` terms to `m[j]` (`m2[j]`).
+        ///
+        /// # Safety
+        /// AVX2/FMA/F16C; `W_BYTES` readable bytes at `p`; the slices hold `BLOCK / 32` entries.
+        unsafe fn decode(p: *const u8, q: &mut [__m256i], s: &mut [[f32; 4]]);
+
+        /// Scales of activation block `p` for each sub-block `j`: `[d, c, c2, 0]` (scale of
+        /// the integer sum, and the constant(s) that `m` multiplies).
+        ///
+        /// # Safety
+        /// AVX2/FMA/F16C; `A_BYTES` readable bytes at `p`; `out` holds `BLOCK / 32` entries.
+        unsafe fn act(p: *const u8, out: &mut [[f32; 4]]);
+
+        /// Offset of sub-block `j`'s 32 quants inside an activation block.
+        fn act_quants(j: usize) -> usize;
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn f16(p: *const u8) -> f32 {
+        let h = u16::from_le(std::ptr::read_unaligned(p.cast::<u16>()));
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h))))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn nibbles(p: *const u8) -> __m256i {
+        let tmp = _mm256_broadcastsi128_si256(_mm_loadu_si128(p.cast::<__m128i>()));
+        let bytes = _mm256_srlv_epi64(tmp, _mm256_set_epi64x(4, 4, 0, 0));
+        _mm256_and_si256(_mm256_set1_epi8(0x0F), bytes)
+    }
+
+    /// Σ of the 32 signed bytes of `y`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn sum_i8(y: __m256i) -> i32 {
+        let s = _mm256_madd_epi16(
+            _mm256_maddubs_epi16(_mm256_set1_epi8(1), y),
+            _mm256_set1_epi16(1),
+        );
+        let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
+        let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b1011_0001>(s));
+        _mm_cvtsi128_si32(s)
+    }
+
+    /// Q8_0 activation scales with the offset constant `off·d·Σa`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn act_q8_0(p: *const u8, off: f32, out: &mut [[f32; 4]]) {
+        let d = f16(p);
+        let c = if off == 0.0 {
+            0.0
+        } else {
+            // SAFETY (caller): 32 quants at 2..34.
+            off * d * sum_i8(_mm256_loadu_si256(p.add(2).cast::<__m256i>())) as f32
+        };
+        out[0] = [d, c, 0.0, 0.0];
+    }
+
+    pub(super) struct KQ4_0;
+    impl Kind for KQ4_0 {
+        const BLOCK: usize = 32;
+        const W_BYTES: usize = 18;
+        const A_BYTES: usize = 34;
+        const DEPTH: usize = 8;
+        unsafe fn decode(p: *const u8, q: &mut [__m256i], s: &mut [[f32; 4]]) {
+            q[0] = nibbles(p.add(2));
+            let d = f16(p);
+            s[0] = [d, d, 0.0, 0.0];
+        }
+        unsafe fn act(p: *const u8, out: &mut [[f32; 4]]) {
+            act_q8_0(p, -8.0, out);
+        }
+        fn act_quants(_: usize) -> usize {
+            2
+        }
+    }
+
+    pub(super) struct KQ4_1;
+    impl Kind for KQ4_1 {
+        const BLOCK: usize = 32;
+        const W_BYTES: usize = 20;
+        const A_BYTES: usize = 36;
+        const DEPTH: usize = 8;
+        unsafe fn decode(p: *const u8, q: &mut [__m256i], s: &mut [[f32; 4]]) {
+            q[0] = nibbles(p.add(4));
+            s[0] = [f16(p), f16(p.add(2)), 0.0, 0.0];
+        }
+        unsafe fn act(p: *const u8, out: &mut [[f32; 4]]) {
+            out[0] = [f16(p), f16(p.add(2)), 0.0, 0.0];
+        }
+        fn act_quants(_: usize) -> usize {
+            4
+        }
+    }
+
+    pub(super) struct KQ5_0;
+    impl Kind for KQ5_0 {
+        const BLOCK: usize = 32;
+        const W_BYTES: usize = 22;
+        const A_BYTES: usize = 34;
+        const DEPTH: usize = 4;
+        unsafe fn decode(p: *const u8, q: &mut [__m256i], s: &mut [[f32; 4]]) {
+            let qh = u32::from_le(std::ptr::read_unaligned(p.add(2).cast::<u32>()));
+            let hi = _mm256_and_si256(bytes_from_bits_32(qh), _mm256_set1_epi8(16));
+            q[0] = _mm256_or_si256(nibbles(p.add(6)), hi);
+            let d = f16(p);
+            s[0] = [d, d, 0.0, 0.0];
+        }
+        unsafe fn act(p: *const u8, out: &mut [[f32; 4]]) {
+            act_q8_0(p, -16.0, out);
+        }
+        fn act_quants(_: usize) -> usize {
+            2
+        }
+    }
+
+    pub(super) struct KQ8_0;
+    impl Kind for KQ8_0 {
+        const BLOCK: usize = 32;
+        const W_BYTES: usize = 34;
+        const A_BYTES: usize = 34;
+        const SIGNED: bool = true;
+        const DEPTH: usize = 1;
+        const HAS_M: bool = false;
+        unsafe fn decode(p: *const u8, q: &mut [__m256i], s: &mut [[f32; 4]]) {
+            q[0] = _mm256_loadu_si256(p.add(2).cast::<__m256i>());
+            s[0] = [f16(p), 0.0, 0.0, 0.0];
+        }
+        unsafe fn act(p: *const u8, out: &mut [[f32; 4]]) {
+            act_q8_0(p, 0.0, out);
+        }
+        fn act_quants(_: usize) -> usize {
+            2
+        }
+    }
+
+    /// Q8_K activation scales: `d` for every sub-block, `c = d·Σa` per 32 (or per 16 when
+    /// `split`) from the bsums.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn act_q8_k(p: *const u8, split: bool, out: &mut [[f32; 4]]) {
+        let d = std::ptr::read_unaligned(p.cast::<f32>());
+        for (j, o) in out.iter_mut().enumerate().take(8) {
+            // SAFETY (caller): 16 i16 bsums at Q8_K_BSUMS.
+            let bs = |i: usize| {
+                f32::from(i16::from_le(std::ptr::read_unaligned(
+                    p.add(Q8_K_BSUMS + 2 * i).cast::<i16>(),
+                )))
+            };
+            let (b0, b1) = (bs(2 * j), bs(2 * j + 1));
+            *o = if split {
+                [d, d * b0, d * b1, 0.0]
+            } else {
+                [d, d * (b0 + b1), 0.0, 0.0]
+            };
+        }
+    }
+
+    /// Q4_K / Q5_K sub-block scales: `d·sc_j` and `-dmin·min_j`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn k4_scales(p: *const u8, s: &mut [[f32; 4]]) {
+        let (d, dmin) = (f16(p), f16(p.add(2)));
+        let raw: [u8; 12] = std::ptr::read_unaligned(p.add(4).cast::<[u8; 12]>());
+        let sm = k4_scales_mins(&raw);
+        for (j, e) in s.iter_mut().enumerate().take(8) {
+            *e = [d * f32::from(sm[j]), -dmin * f32::from(sm[8 + j]), 0.0, 0.0];
+        }
+    }
+
+    pub(super) struct KQ4_K;
+    impl Kind for KQ4_K {
+        const BLOCK: usize = 256;
+        const W_BYTES: usize = 144;
+        const A_BYTES: usize = Q8_K_BYTES;
+        const DEPTH: usize = 8;
+        unsafe fn decode(p: *const u8, q: &mut [__m256i], s: &mut [[f32; 4]]) {
+            k4_scales(p, s);
+            let m4 = _mm256_set1_epi8(0x0F);
+            for j in 0..4 {
+                let bits = _mm256_loadu_si256(p.add(16 + 32 * j).cast::<__m256i>());
+                q[2 * j] = _mm256_and_si256(bits, m4);
+                q[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(bits), m4);
+            }
+        }
+        unsafe fn act(p: *const u8, out: &mut [[f32; 4]]) {
+            act_q8_k(p, false, out);
+        }
+        fn act_quants(j: usize) -> usize {
+            4 + 32 * j
+        }
+    }
+
+    pub(super) struct KQ5_K;
+    impl Kind for KQ5_K {
+        const BLOCK: usize = 256;
+        const W_BYTES: usize = 176;
+        const A_BYTES: usize = Q8_K_BYTES;
+        const DEPTH: usize = 4;
+        unsafe fn decode(p: *const u8, q: &mut [__m256i], s: &mut [[f32; 4]]) {
+            k4_scales(p, s);
+            let m4 = _mm256_set1_epi8(0x0F);
+            let (m1, m2) = (_mm256_set1_epi8(1), _mm256_set1_epi8(2));
+            let mut hbits = _mm256_loadu_si256(p.add(16).cast::<__m256i>());
+            for j in 0..4 {
+                let bits = _mm256_loadu_si256(p.add(48 + 32 * j).cast::<__m256i>());
+                let h0 = _mm256_slli_epi16::<4>(_mm256_and_si256(hbits, m1));
+                let h1 = _mm256_slli_epi16::<3>(_mm256_and_si256(hbits, m2));
+                hbits = _mm256_srli_epi16::<2>(hbits);
+                q[2 * j] = _mm256_or_si256(_mm256_and_si256(bits, m4), h0);
+                q[2 * j + 1] =
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(bits), m4), h1);
+            }
+        }
+        unsafe fn act(p: *const u8, out: &mut [[f32; 4]]) {
+            act_q8_k(p, false, out);
+        }
+        fn act_quants(j: usize) -> usize {
+            4 + 32 * j
+        }
+    }
+
+    pub(super) struct KQ6_K;
+    impl Kind for KQ6_K {
+        const BLOCK: usize = 256;
+        const W_BYTES: usize = 210;
+        const A_BYTES: usize = Q8_K_BYTES;
+        const DEPTH: usize = 2;
+        const SPLIT: bool = true;
+        unsafe fn decode(p: *const u8, q: &mut [__m256i], s: &mut [[f32; 4]]) {
+            let d = f16(p.add(208));
+            let m4 = _mm256_set1_epi8(0x0F);
+            let m3 = _mm256_set1_epi8(3);
+            for h in 0..2 {
+                let b1 = _mm256_loadu_si256(p.add(64 * h).cast::<__m256i>());
+                let b2 = _mm256_loadu_si256(p.add(64 * h + 32).cast::<__m256i>());
+                let bh = _mm256_loadu_si256(p.add(128 + 32 * h).cast::<__m256i>());
+                let hb = |sh: i32| {
+                    let x = match sh {
+                        0 => bh,
+                        2 => _mm256_srli_epi16::<2>(bh),
+                        4 => _mm256_srli_epi16::<4>(bh),
+                        _ => _mm256_srli_epi16::<6>(bh),
+                    };
+                    _mm256_slli_epi16::<4>(_mm256_and_si256(x, m3))
+                };
+                q[4 * h] = _mm256_or_si256(_mm256_and_si256(b1, m4), hb(0));
+                q[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(b2, m4), hb(2));
+                q[4 * h + 2] =
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(b1), m4), hb(4));
+                q[4 * h + 3] =
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(b2), m4), hb(6));
+            }
+            for (j, e) in s.iter_mut().enumerate().take(8) {
+                let s0 = d * f32::from(*p.add(192 + 2 * j) as i8);
+                let s1 = d * f32::from(*p.add(192 + 2 * j + 1) as i8);
+                *e = [s0, -32.0 * s0, s1, -32.0 * s1];
+            }
+        }
+        unsafe fn act(p: *const u8, out: &mut [[f32; 4]]) {
+            act_q8_k(p, true, out);
+        }
+        fn act_quants(j: usize) -> usize {
+            4 + 32 * j
+        }
+    }
+
+    /// A strip of `PR` rows × up to `PG` sub-blocks, decoded and transposed: `q[g][k]` holds
+    /// elements `4k..4k+4` of sub-block `g` of rows 0..8 (4 bytes per row); `s[g]` the rows'
+    /// `[d, m, d2, m2]` scale vectors (8 f32 each). Rows past the strip's end are zero.
+    #[repr(C, align(32))]
+    pub(super) struct Panel {
+        q: [[[u8; 32]; 8]; PG],
+        s: [[[f32; PR]; 4]; PG],
+    }
+
+    impl Default for Panel {
+        fn default() -> Self {
+            Panel {
+                q: [[[0; 32]; 8]; PG],
+                s: [[[0.0; PR]; 4]; PG],
+            }
+        }
+    }
+
+    /// Transposes 8 rows of 8 dwords in place: afterwards `r[k]` holds dword `k` of every row.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn transpose8(r: &mut [__m256i; 8]) {
+        let t0 = _mm256_unpacklo_epi32(r[0], r[1]);
+        let t1 = _mm256_unpackhi_epi32(r[0], r[1]);
+        let t2 = _mm256_unpacklo_epi32(r[2], r[3]);
+        let t3 = _mm256_unpackhi_epi32(r[2], r[3]);
+        let t4 = _mm256_unpacklo_epi32(r[4], r[5]);
+        let t5 = _mm256_unpackhi_epi32(r[4], r[5]);
+        let t6 = _mm256_unpacklo_epi32(r[6], r[7]);
+        let t7 = _mm256_unpackhi_epi32(r[6], r[7]);
+        let u0 = _mm256_unpacklo_epi64(t0, t2);
+        let u1 = _mm256_unpackhi_epi64(t0, t2);
+        let u2 = _mm256_unpacklo_epi64(t1, t3);
+        let u3 = _mm256_unpackhi_epi64(t1, t3);
+        let u4 = _mm256_unpacklo_epi64(t4, t6);
+        let u5 = _mm256_unpackhi_epi64(t4, t6);
+        let u6 = _mm256_unpacklo_epi64(t5, t7);
+        let u7 = _mm256_unpackhi_epi64(t5, t7);
+        r[0] = _mm256_permute2x128_si256::<0x20>(u0, u4);
+        r[1] = _mm256_permute2x128_si256::<0x20>(u1, u5);
+        r[2] = _mm256_permute2x128_si256::<0x20>(u2, u6);
+        r[3] = _mm256_permute2x128_si256::<0x20>(u3, u7);
+        r[4] = _mm256_permute2x128_si256::<0x31>(u0, u4);
+        r[5] = _mm256_permute2x128_si256::<0x31>(u1, u5);
+        r[6] = _mm256_permute2x128_si256::<0x31>(u2, u6);
+        r[7] = _mm256_permute2x128_si256::<0x31>(u3, u7);
+    }
+
+    /// Decodes weight blocks `0..nbk` (`nbk·BLOCK/32 <= PG` sub-blocks) of the `nr <= PR` rows
+    /// at `w` (`w_row` bytes apart) into `p`, zeroing rows `nr..PR`.
+    ///
+    /// # Safety
+    /// AVX2/FMA/F16C; for every `r < nr` the bytes `w + r·w_row .. + nbk·W_BYTES` are readable.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn decode_strip<K: Kind>(
+        nbk: usize,
+        w: *const u8,
+        w_row: usize,
+        nr: usize,
+        p: &mut Panel,
+    ) {
+        let spb = K::BLOCK / 32;
+        debug_assert!(nbk * spb <= PG && nr <= PR);
+        let mut q = [[_mm256_setzero_si256(); 8]; PR];
+        let mut s = [[[0.0f32; 4]; 8]; PR];
+        for b in 0..nbk.min(PG / spb) {
+            for r in 0..PR {
+                if r < nr {
+                    // SAFETY (caller): block b of row r is readable.
+                    K::decode(
+                        w.add(r * w_row + b * K::W_BYTES),
+                        &mut q[r][..spb],
+                        &mut s[r][..spb],
+                    );
+                } else {
+                    q[r] = [_mm256_setzero_si256(); 8];
+                    s[r] = [[0.0; 4]; 8];
+                }
+            }
+            for j in 0..spb {
+                let g = b * spb + j;
+                let mut v: [__m256i; 8] = std::array::from_fn(|r| q[r][j]);
+                transpose8(&mut v);
+                for (k, vk) in v.iter().enumerate() {
+                    // SAFETY: `p.q[g][k]` is 32 bytes, 32-aligned.
+                    _mm256_store_si256(p.q[g][k].as_mut_ptr().cast::<__m256i>(), *vk);
+                }
+                for (c, dst) in p.s[g].iter_mut().enumerate() {
+                    for (d, sr) in dst.iter_mut().zip(&s) {
+                        *d = sr[j][c];
+                    }
+                }
+            }
+        }
+    }
+
+    /// `res[t]` lane `r` = Σ over sub-blocks `0..ng` of panel row `r` · token `t`, for the `T`
+    /// tokens whose quants (chunk start) are at `a[t]` (`A_BYTES` per block) and whose converted
+    /// scales are `asc[t·PG + g]`.
+    ///
+    /// # Safety
+    /// AVX2/FMA/F16C; `ng <= PG`; at each `a[t]` the activation blocks covering sub-blocks
+    /// `0..ng` are readable; `asc` holds `T·PG` entries, filled for them.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn strip_dot<K: Kind>(
+        ng: usize,
+        p: &Panel,
+        a: [*const u8; T],
+        asc: &[[f32; 4]],
+    ) -> [__m256; T] {
+        let spb = K::BLOCK / 32;
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); T];
+        debug_assert!(asc.len() >= T * PG && ng <= PG);
+        for g in 0..ng.min(PG) {
+            let aoff = (g / spb) * K::A_BYTES + K::act_quants(g % spb);
+            let mut v = [_mm256_setzero_si256(); 8];
+            for (k, vk) in v.iter_mut().enumerate() {
+                // SAFETY: `p.q[g][k]` is 32 bytes, 32-aligned.
+                *vk = _mm256_load_si256(p.q[g][k].as_ptr().cast::<__m256i>());
+            }
+            let u = if K::SIGNED {
+                std::array::from_fn::<__m256i, 8, _>(|k| _mm256_sign_epi8(v[k], v[k]))
+            } else {
+                v
+            };
+            let ld = |c: usize| _mm256_load_ps(p.s[g][c].as_ptr());
+            let (d8, m8) = (ld(0), ld(1));
+            for t in 0..T {
+                let ap = a[t].add(aoff);
+                let mut isum = [_mm256_setzero_si256(); 2];
+                let mut s16 = _mm256_setzero_si256();
+                for k in 0..8 {
+                    // SAFETY (caller): 32 quants at `ap`.
+                    let y =
+                        _mm256_set1_epi32(std::ptr::read_unaligned(ap.add(4 * k).cast::<i32>()));
+                    let pr = if K::SIGNED {
+                        _mm256_maddubs_epi16(u[k], _mm256_sign_epi8(y, v[k]))
+                    } else {
+                        _mm256_maddubs_epi16(u[k], y)
+                    };
+                    s16 = if k % K::DEPTH == 0 {
+                        pr
+                    } else {
+                        _mm256_add_epi16(s16, pr)
+                    };
+                    if (k + 1) % K::DEPTH == 0 || (K::SPLIT && k == 3) {
+                        let h = usize::from(K::SPLIT && k >= 4);
+                        isum[h] = _mm256_add_epi32(isum[h], _mm256_madd_epi16(s16, ones));
+                    }
+                }
+                let sc = &asc[t * PG + g];
+                let da = _mm256_set1_ps(sc[0]);
+                acc[t] =
+                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[0]), _mm256_mul_ps(d8, da), acc[t]);
+                if K::HAS_M {
+                    acc[t] = _mm256_fmadd_ps(m8, _mm256_set1_ps(sc[1]), acc[t]);
+                }
+                if K::SPLIT {
+                    let (d8b, m8b) = (ld(2), ld(3));
+                    acc[t] = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(isum[1]),
+                        _mm256_mul_ps(d8b, da),
+                        acc[t],
+                    );
+                    acc[t] = _mm256_fmadd_ps(m8b, _mm256_set1_ps(sc[2]), acc[t]);
+                }
+            }
+        }
+        acc
+    }
+
+    /// The [`super::super::TileFn`] over panels for kind `K` (see the module doc). Counts are
+    /// clamped to what the slices hold; outputs outside `out` are skipped.
+    pub(super) fn run<K: Kind>(
+        cols: usize,
+        w: &[u8],
+        n_rows: usize,
+        a: &[u8],
+        n_tok: usize,
+        out: &mut [f32],
+        out_stride: usize,
+    ) {
+        let nb = cols / K::BLOCK;
+        let (w_row, a_row) = (nb * K::W_BYTES, nb * K::A_BYTES);
+        debug_assert_eq!(cols % K::BLOCK, 0, "{cols} columns is not whole blocks");
+        if nb == 0 || !crate::quant::avx2::available() {
+            return;
+        }
+        let n_rows = n_rows.min(w.len() / w_row);
+        let n_tok = n_tok.min(a.len() / a_row);
+        SCRATCH.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut s) => {
+                let s = s.get_or_insert_with(Box::default);
+                run_with::<K>(nb, w, n_rows, a, n_tok, out, out_stride, s);
+            }
+            // Not reached (kernels do not nest); kept for soundness of the borrow.
+            Err(_) => run_with::<K>(
+                nb,
+                w,
+                n_rows,
+                a,
+                n_tok,
+                out,
+                out_stride,
+                &mut Box::default(),
+            ),
+        });
+    }
+
+    /// Per-thread buffers of [`run`]: the panel and the activation scales (kept between
+    /// calls, so a call does not clear 47 KB of stack).
+    struct Scratch {
+        panel: Panel,
+        asc: [[f32; 4]; PT * PG + T * PG],
+    }
+
+    impl Default for Scratch {
+        fn default() -> Self {
+            Scratch {
+                panel: Panel::default(),
+                asc: [[0.0; 4]; PT * PG + T * PG],
+            }
+        }
+    }
+
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Option<Box<Scratch>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+
+    /// [`run`] with its buffers; `w` and `a` hold at least `n_rows` / `n_tok` whole rows.
+    #[allow(clippy::too_many_arguments)]
+    fn run_with<K: Kind>(
+        nb: usize,
+        w: &[u8],
+        n_rows: usize,
+        a: &[u8],
+        n_tok: usize,
+        out: &mut [f32],
+        out_stride: usize,
+        scratch: &mut Scratch,
+    ) {
+        let (w_row, a_row) = (nb * K::W_BYTES, nb * K::A_BYTES);
+        let Scratch { panel, asc } = scratch;
+        let spb = K::BLOCK / 32;
+        let bpc = PG / spb; // weight blocks per column chunk
+        for c0 in (0..nb).step_by(bpc) {
+            let nbk = bpc.min(nb - c0);
+            let ng = nbk * spb;
+            for tc in (0..n_tok).step_by(PT) {
+                let ntc = PT.min(n_tok - tc);
+                for t in 0..ntc {
+                    for b in 0..nbk {
+                        let ab = &a[(tc + t) * a_row + (c0 + b) * K::A_BYTES..][..K::A_BYTES];
+                        let dst = &mut asc[t * PG + b * spb..][..spb];
+                        // SAFETY: AVX2/FMA/F16C checked; `ab` is one whole activation block.
+                        unsafe { K::act(ab.as_ptr(), dst) };
+                    }
+                }
+                for r0 in (0..n_rows).step_by(PR) {
+                    let nr = PR.min(n_rows - r0);
+                    let ws = &w[r0 * w_row..(r0 + nr) * w_row];
+                    // SAFETY: AVX2/FMA/F16C checked; `ws` holds `nr` rows, each with blocks
+                    // c0..c0 + nbk (c0 + nbk <= nb); nbk·spb <= PG.
+                    unsafe {
+                        decode_strip::<K>(nbk, ws[c0 * K::W_BYTES..].as_ptr(), w_row, nr, panel)
+                    };
+                    for t0 in (0..ntc).step_by(T) {
+                        let nt = T.min(ntc - t0);
+                        // Tokens past `nt` repeat the last one (their results are dropped).
+                        let a_ptr: [*const u8; T] = std::array::from_fn(|i| {
+                            let t = tc + t0 + i.min(nt - 1);
+                            a[t * a_row + c0 * K::A_BYTES..].as_ptr()
+                        });
+                        // SAFETY: AVX2/FMA/F16C checked; each token row holds blocks
+                        // c0..c0 + nbk; `asc[t0·PG..]` holds T·PG entries (the buffer has
+                        // T·PG spare) filled for tokens t0..t0 + nt (the rest are stale or zero,
+                        // for dropped lanes only).
+                        let res = unsafe { strip_dot::<K>(ng, panel, a_ptr, &asc[t0 * PG..]) };
+                        for (i, v) in res.iter().enumerate().take(nt) {
+                            let mut lanes = [0.0f32; PR];
+                            // SAFETY: 8 f32 store to a local array.
+                            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *v) };
+                            let base = (tc + t0 + i) * out_stride + r0;
+                            for (r, &x) in lanes.iter().enumerate().take(nr) {
+                                if let Some(o) = out.get_mut(base + r) {
+                                    *o = if c0 == 0 { x } else { *o + x };
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    use super::super::tests::{model_path, quantized, random_activations};
+    use super::super::{dequantize_row, vec_dot_fn_scalar, vec_dot_type, GgmlType};
+    use super::panel_fn;
+    use crate::gguf::GgufFile;
+
+    const SENTINEL: f32 = -12345.0;
+
+    /// Random blocks of `ty` with sane f16 scales (K-quants: `d`/`dmin`, or Q6_K's `d`).
+    fn random_weights(ty: GgmlType, n: usize, rng: &mut ChaCha8Rng) -> Vec<u8> {
+        let mut w = vec![0u8; ty.row_bytes(n).unwrap()];
+        rng.fill(&mut w[..]);
+        let offs: &[usize] = match ty {
+            GgmlType::Q6_K => &[208],
+            GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q4_1 => &[0, 2],
+            _ => &[0],
+        };
+        for b in w.chunks_exact_mut(ty.type_size()) {
+            for &o in offs {
+                let v = half::f16::from_f32(rng.gen_range(-0.05f32..0.05));
+                b[o..o + 2].copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        w
+    }
+
+    /// Every output against the scalar dot (tolerance relative to Σ|w·a|), padding untouched.
+    fn check(
+        ty: GgmlType,
+        cols: usize,
+        w: &[u8],
+        n_rows: usize,
+        a: &[u8],
+        n_tok: usize,
+        what: &str,
+    ) {
+        let f = panel_fn(ty).expect("panel kernel");
+        let (wb, ab) = (
+            ty.row_bytes(cols).unwrap(),
+            vec_dot_type(ty).row_bytes(cols).unwrap(),
+        );
+        let stride = n_rows + 1;
+        let mut out = vec![SENTINEL; stride * n_tok];
+        f(cols, w, n_rows, a, n_tok, &mut out, stride);
+        let scalar = vec_dot_fn_scalar(ty).unwrap();
+        let deq = |t: GgmlType, d: &[u8]| {
+            let mut o = vec![0f32; cols];
+            if t == GgmlType::Q8_K {
+                // d (f32) then 256 i8 quants per 292-byte block.
+                for (ob, db) in o.chunks_exact_mut(256).zip(d.chunks_exact(292)) {
+                    let s = f32::from_le_bytes(db[..4].try_into().unwrap());
+                    for (x, &q) in ob.iter_mut().zip(&db[4..260]) {
+                        *x = s * f32::from(q as i8);
+                    }
+                }
+            } else {
+                dequantize_row(t, d, &mut o).unwrap();
+            }
+            o
+        };
+        let wd: Vec<Vec<f32>> = (0..n_rows).map(|r| deq(ty, &w[r * wb..][..wb])).collect();
+        for t in 0..n_tok {
+            let arow = &a[t * ab..][..ab];
+            let ad = deq(vec_dot_type(ty), arow);
+            for (r, wr) in wd.iter().enumerate() {
+                let want = scalar(cols, &w[r * wb..][..wb], arow);
+                let got = out[t * stride + r];
+                let sum_abs: f64 = wr
+                    .iter()
+                    .zip(&ad)
+                    .map(|(x, y)| f64::from((x * y).abs()))
+                    .sum();
+                let tol = 2e-4 * sum_abs + 1e-5;
+                assert!(
+                    f64::from((got - want).abs()) <= tol,
+                    "{ty} {what} cols={cols} rows={n_rows} toks={n_tok} (r={r}, t={t}): \
+                     panel {got} vs scalar {want} (tol {tol})"
+                );
+            }
+            assert_eq!(out[t * stride + n_rows], SENTINEL, "{ty}: padding written");
+        }
+    }
+
+    /// Random tensors: partial strips (rows not a multiple of 8), several column chunks (more
+    /// than 1024 columns), token counts around the register tile (4) and the scale chunk (64).
+    #[test]
+    fn quant_panel_matches_scalar() {
+        let mut rng = ChaCha8Rng::seed_from_u64(57);
+        let cases: [(GgmlType, &[usize]); 7] = [
+            (GgmlType::Q4_0, &[32, 640, 2080]),
+            (GgmlType::Q4_1, &[96, 576, 1536]),
+            (GgmlType::Q5_0, &[64, 640, 2048]),
+            (GgmlType::Q8_0, &[32, 640, 1088]),
+            (GgmlType::Q4_K, &[256, 1024, 2304]),
+            (GgmlType::Q5_K, &[256, 1280]),
+            (GgmlType::Q6_K, &[256, 2048]),
+        ];
+        for (ty, all_cols) in cases {
+            for &cols in all_cols {
+                let n_rows = 13;
+                let w = random_weights(ty, cols * n_rows, &mut rng);
+                for n_tok in [9, 14, 67] {
+                    let a: Vec<u8> = (0..n_tok)
+                        .flat_map(|_| quantized(ty, &random_activations(cols, &mut rng)))
+                        .collect();
+                    check(ty, cols, &w, n_rows, &a, n_tok, "random");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn quant_panel_real_tensors() {
+        let mut rng = ChaCha8Rng::seed_from_u64(61);
+        let mut checked = Vec::new();
+        for model in [
+            "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "gemma-3-270m-q4_k_m.gguf",
+        ] {
+            let file = GgufFile::open(model_path(model)).unwrap();
+            for info in file.tensors.iter().filter(|i| i.dims.len() == 2).step_by(3) {
+                if panel_fn(info.ty).is_none() {
+                    continue;
+                }
+                let (cols, rows) = (info.n_cols(), info.n_rows());
+                let rb = info.ty.row_bytes(cols).unwrap();
+                let n_rows = rows.min(11);
+                let r0 = rng.gen_range(0..=rows - n_rows);
+                let w = &file.tensor_data(info)[r0 * rb..(r0 + n_rows) * rb];
+                let a: Vec<u8> = (0..10)
+                    .flat_map(|_| quantized(info.ty, &random_activations(cols, &mut rng)))
+                    .collect();
+                check(info.ty, cols, w, n_rows, &a, 10, &info.name);
+                checked.push(info.ty);
+            }
+        }
+        for ty in [
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q4_K,
+            GgmlType::Q6_K,
+        ] {
+            assert!(checked.contains(&ty), "no real {ty} tensor checked");
+        }
+    }
+}
