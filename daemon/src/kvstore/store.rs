@@ -1419,18 +1419,37 @@ impl KvStore {
                 }
             }
         } else if self.cfg.policy.uses_chunk_files() {
-            for &i in &missing {
-                let id = self.apps[a].contexts[&c].chunks[i];
-                let Some(e) = self.apps[a].chunks.get(&id) else {
-                    continue;
-                };
-                let (p, file) = (e.precision, e.file);
-                if let Some(f) = file {
-                    match self.open_file(a, f.num, KIND_SEALED) {
-                        Ok(cf) if cf.header().precision == p.code() => readable.push((i, p, cf)),
-                        Ok(_) => tracing::warn!("swap file f{} has the wrong precision", f.num),
-                        Err(e) => tracing::warn!("swap file f{} unusable, recomputing: {e}", f.num),
-                    }
+            let wanted: Vec<(usize, Precision, u64)> = missing
+                .iter()
+                .filter_map(|&i| {
+                    let id = self.apps[a].contexts[&c].chunks[i];
+                    let e = self.apps[a].chunks.get(&id)?;
+                    Some((i, e.precision, e.file?.num))
+                })
+                .collect();
+            // Opening maps (and pages in) the whole file: two threads halve it.
+            let this = &*self;
+            let open_all = |part: &[(usize, Precision, u64)]| {
+                part.iter()
+                    .map(|&(i, p, num)| (i, p, num, this.open_file(a, num, KIND_SEALED)))
+                    .collect::<Vec<_>>()
+            };
+            let open_all = &open_all;
+            let opened: Vec<(usize, Precision, u64, Result<ChunkFile, String>)> =
+                std::thread::scope(|scope| {
+                    let half = wanted.len() / 2;
+                    let (first, second) = wanted.split_at(half);
+                    let other = scope.spawn(move || open_all(first));
+                    let mut mine = open_all(second);
+                    let mut all = other.join().unwrap_or_default();
+                    all.append(&mut mine);
+                    all
+                });
+            for (i, p, num, r) in opened {
+                match r {
+                    Ok(cf) if cf.header().precision == p.code() => readable.push((i, p, cf)),
+                    Ok(_) => tracing::warn!("swap file f{num} has the wrong precision"),
+                    Err(e) => tracing::warn!("swap file f{num} unusable, recomputing: {e}"),
                 }
             }
         }

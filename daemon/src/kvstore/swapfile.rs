@@ -318,8 +318,9 @@ impl ChunkFile {
         // (rewriting a chunk renames a new inode over the old name, which leaves this
         // mapping intact). So the mapped bytes do not change or shrink while we hold them;
         // and every read of them below is bounds-checked, so even unexpected content
-        // cannot cause an out-of-bounds access.
-        let map = unsafe { Mmap::map(&file)? };
+        // cannot cause an out-of-bounds access. MAP_POPULATE: a restore reads every byte,
+        // and faulting the pages in one go is several times faster than page by page.
+        let map = unsafe { memmap2::MmapOptions::new().populate().map(&file)? };
         let (header, layers) = parse(&map)?;
         Ok(ChunkFile {
             map,
