@@ -51,6 +51,9 @@ pub struct SwitchArgs {
     /// recomputes) all of its chunks.
     #[arg(long)]
     cold: bool,
+    /// Pause between calls (an app's think time; ahead-of-time swap-out runs in it).
+    #[arg(long, default_value_t = 0)]
+    think_ms: u64,
     /// Where the swap files go [default: a fresh directory under $TMPDIR, removed after].
     #[arg(long)]
     state_dir: Option<PathBuf>,
@@ -180,6 +183,9 @@ fn run(
         store.close_session(s)?;
         ttfts.push(call? * 1e3);
         restores.push(restore_s * 1e3);
+        if a.think_ms > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(a.think_ms));
+        }
     }
     store.flush();
     let stats = store.stats();
@@ -196,6 +202,7 @@ fn run(
         "pattern": format!("{:?}", a.pattern).to_lowercase(),
         "kv_budget_mib": a.kv_budget_mib,
         "cold": a.cold,
+        "think_ms": a.think_ms,
         "restore_mean_ms": mean,
         "restore_median_ms": percentile(&sorted, 0.5),
         "restore_p90_ms": percentile(&sorted, 0.9),
