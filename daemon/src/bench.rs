@@ -5,7 +5,10 @@
 //! as a real generation does.
 
 use anyhow::{bail, Result};
-use llmsd_engine::kv::ContiguousKv;
+use std::sync::Arc;
+
+use llmsd_engine::kv::KvCache;
+use llmsd_engine::kvchunk::{ChunkSlot, ChunkedKv, Precision, SealedChunk, CHUNK_TOKENS};
 use llmsd_engine::model::{Logits, Scratch, SeqBatch};
 use llmsd_engine::sampling::argmax;
 use serde_json::json;
@@ -51,20 +54,30 @@ fn prompt_ids(l: &Loaded, n: usize) -> Result<Vec<u32>> {
 
 /// Seconds to prefill `prompt` and to decode `gen` tokens after it.
 fn single_stream(l: &Loaded, prompt: &[u32], gen: usize) -> Result<(f64, f64)> {
-    let mut kv = ContiguousKv::new(l.model.kv_shape(), prompt.len() + gen);
+    let mut kv = ChunkedKv::new(l.model.kv_shape(), prompt.len() + gen);
     let mut scratch = Scratch::default();
     let t0 = Instant::now();
-    let logits = l.model.forward(
-        &l.pool,
-        &mut [SeqBatch {
-            tokens: prompt,
-            start_pos: 0,
-            kv: &mut kv,
-            logits: Logits::Last,
-        }],
-        &mut scratch,
-    )?;
+    // In slices, each sealed to f16 as it completes, as the context store prefills: later
+    // slices attend to f16 chunks.
+    let mut logits = Vec::new();
+    for (k, part) in prompt.chunks(PREFILL_SLICE).enumerate() {
+        let out = l.model.forward(
+            &l.pool,
+            &mut [SeqBatch {
+                tokens: part,
+                start_pos: k * PREFILL_SLICE,
+                kv: &mut kv,
+                logits: Logits::Last,
+            }],
+            &mut scratch,
+        )?;
+        logits.clear();
+        logits.extend_from_slice(out);
+        seal_f16(&mut kv)?;
+    }
+    let logits = &logits;
     let mut next = argmax(logits);
+    seal_f16(&mut kv)?;
     let prefill = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     for i in 0..gen {
@@ -79,6 +92,7 @@ fn single_stream(l: &Loaded, prompt: &[u32], gen: usize) -> Result<(f64, f64)> {
             &mut scratch,
         )?;
         next = argmax(logits);
+        seal_f16(&mut kv)?;
     }
     Ok((prefill, t1.elapsed().as_secs_f64()))
 }
@@ -86,8 +100,8 @@ fn single_stream(l: &Loaded, prompt: &[u32], gen: usize) -> Result<(f64, f64)> {
 /// Seconds to decode `gen` tokens for each of `b` sequences at once, each after its own
 /// prefilled `prompt` (prefill not timed).
 fn batched(l: &Loaded, prompt: &[u32], gen: usize, b: usize) -> Result<f64> {
-    let mut caches: Vec<ContiguousKv> = (0..b)
-        .map(|_| ContiguousKv::new(l.model.kv_shape(), prompt.len() + gen))
+    let mut caches: Vec<ChunkedKv> = (0..b)
+        .map(|_| ChunkedKv::new(l.model.kv_shape(), prompt.len() + gen))
         .collect();
     let mut scratch = Scratch::default();
     let mut next = vec![0u32; b];
@@ -106,6 +120,7 @@ fn batched(l: &Loaded, prompt: &[u32], gen: usize, b: usize) -> Result<f64> {
             &mut scratch,
         )?;
         next[i] = argmax(logits);
+        seal_f16(kv)?;
     }
     let vocab = l.model.config.vocab_size;
     let t0 = Instant::now();
@@ -125,8 +140,27 @@ fn batched(l: &Loaded, prompt: &[u32], gen: usize, b: usize) -> Result<f64> {
         for (n, row) in next.iter_mut().zip(logits.chunks_exact(vocab)) {
             *n = argmax(row);
         }
+        for kv in caches.iter_mut() {
+            seal_f16(kv)?;
+        }
     }
     Ok(t0.elapsed().as_secs_f64())
+}
+
+/// Tokens per prefill call (the context store's default slice).
+const PREFILL_SLICE: usize = 64;
+
+/// Seals every full chunk still in f32 to f16: the cache a context keeps, and the precision
+/// llama.cpp's cache has in the comparison.
+fn seal_f16(kv: &mut ChunkedKv) -> Result<()> {
+    for i in 0..kv.len() / CHUNK_TOKENS {
+        if let Some(slot) = kv.slot_mut(i) {
+            if let ChunkSlot::Staged(st) = slot {
+                *slot = ChunkSlot::Sealed(Arc::new(SealedChunk::quantize(st, Precision::F16)?));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Peak resident set size of this process, from /proc.
