@@ -231,7 +231,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             );
         }
         println!("peak RSS with an empty cache: {rss_empty:.1} MiB");
-        println!("peak RSS over the whole run (f32 caches): {rss_run:.1} MiB");
+        println!("peak RSS over the whole run (with its caches): {rss_run:.1} MiB");
     }
     Ok(())
 }
