@@ -66,16 +66,7 @@ unsafe fn widen(v: __m128i) -> (__m256, __m256) {
     (lo, hi)
 }
 
-/// Sum of the 8 lanes.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn hsum(x: __m256) -> f32 {
-    let mut r = _mm256_extractf128_ps::<1>(x);
-    r = _mm_add_ps(r, _mm256_castps256_ps128(x));
-    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-    r = _mm_add_ss(r, _mm_movehdup_ps(r));
-    _mm_cvtss_f32(r)
-}
+use crate::quant::avx2::hsum_f32_8 as hsum;
 
 /// 8 f16 at `b[16 * i..16 * i + 16]` (the `i`-th 8-lane piece) as f32.
 ///

@@ -112,13 +112,10 @@ unsafe fn scale_product(x: &[u8], y: &[u8]) -> __m256 {
     _mm256_broadcastss_ps(_mm_mul_ss(v, _mm_movehdup_ps(v)))
 }
 
-/// Sum of the 8 lanes.
-///
-/// # Safety
-/// The CPU must support AVX2.
+/// Sum of the 8 lanes (every AVX2 kernel of the engine sums its f32 lanes through this one).
 #[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn hsum_f32_8(x: __m256) -> f32 {
+#[target_feature(enable = "avx2,fma")]
+pub(crate) fn hsum_f32_8(x: __m256) -> f32 {
     let mut r = _mm256_extractf128_ps::<1>(x);
     r = _mm_add_ps(r, _mm256_castps256_ps128(x));
     r = _mm_add_ps(r, _mm_movehl_ps(r, r));

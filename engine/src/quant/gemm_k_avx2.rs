@@ -65,16 +65,6 @@ struct Unpacked {
     dbias: f32,
 }
 
-/// Sum of the 8 lanes of `x`.
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-fn hsum_ps_256(x: __m256) -> f32 {
-    let r = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps::<1>(x));
-    let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-    let r = _mm_add_ss(r, _mm_movehdup_ps(r));
-    _mm_cvtss_f32(r)
-}
-
 /// Byte-shuffle control broadcasting 16-bit lane `i` of each 128-bit half.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
@@ -283,7 +273,7 @@ fn row_group<const TY: u8, const NR: usize>(
         for (r, acc_r) in acc.iter().enumerate() {
             for (t, &v) in acc_r[..nt].iter().enumerate() {
                 if let Some(o) = out.get_mut((tc0 + t) * out_stride + r0 + r) {
-                    *o = hsum_ps_256(v);
+                    *o = crate::quant::avx2::hsum_f32_8(v);
                 }
             }
         }

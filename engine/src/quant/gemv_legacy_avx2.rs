@@ -53,19 +53,7 @@ impl Default for Acts {
     }
 }
 
-/// Sum of the 8 lanes.
-///
-/// # Safety
-/// AVX2.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn hsum(x: __m256) -> f32 {
-    let mut r = _mm256_extractf128_ps::<1>(x);
-    r = _mm_add_ps(r, _mm256_castps256_ps128(x));
-    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-    r = _mm_add_ss(r, _mm_movehdup_ps(r));
-    _mm_cvtss_f32(r)
-}
+use crate::quant::avx2::hsum_f32_8 as hsum;
 
 /// The f16 at `p` as f32.
 ///

@@ -38,14 +38,6 @@ pub(crate) unsafe fn load128<const N: usize>(b: &[u8; N], off: usize) -> __m128i
     unsafe { _mm_loadu_si128(b.as_ptr().add(off).cast()) }
 }
 
-/// Sum of the 8 lanes of `x`.
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn hsum_ps_256(x: __m256) -> f32 {
-    let r = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps::<1>(x));
-    hsum_ps_128(r)
-}
-
 /// Sum of the 4 lanes of `r`.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
@@ -125,7 +117,7 @@ pub(super) unsafe fn vec_dot_q4_k_q8_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
         }
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
     }
-    hsum_ps_256(acc) + hsum_ps_128(acc_m)
+    super::avx2::hsum_f32_8(acc) + hsum_ps_128(acc_m)
 }
 
 /// AVX2 dot of a Q5_K weight row with a Q8_K activation row (`n / 256` whole blocks; shorter
@@ -175,7 +167,7 @@ pub(super) unsafe fn vec_dot_q5_k_q8_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
         }
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
     }
-    hsum_ps_256(acc) + hsum_ps_128(acc_m)
+    super::avx2::hsum_f32_8(acc) + hsum_ps_128(acc_m)
 }
 
 /// AVX2 dot of a Q6_K weight row with a Q8_K activation row (`n / 256` whole blocks; shorter
@@ -235,5 +227,5 @@ pub(super) unsafe fn vec_dot_q6_k_q8_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
         }
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
     }
-    hsum_ps_256(acc)
+    super::avx2::hsum_f32_8(acc)
 }

@@ -12,7 +12,7 @@
 //! (`legacy`), the AVX2 code follows ggml-cpu's x86 paths (`avx2`).
 
 #[cfg(target_arch = "x86_64")]
-mod avx2;
+pub(crate) mod avx2;
 mod gemm_k;
 mod gemm_legacy;
 mod k_quants;
