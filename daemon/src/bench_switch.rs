@@ -98,13 +98,7 @@ pub fn switch(a: SwitchArgs) -> Result<()> {
     if temporary {
         let _ = std::fs::remove_dir_all(&dir);
     }
-    let out = result?;
-    if a.json {
-        println!("{out}");
-    } else {
-        println!("{}", serde_json::to_string_pretty(&out)?);
-    }
-    Ok(())
+    crate::contexts::print_json(&result?, a.json)
 }
 
 fn run(

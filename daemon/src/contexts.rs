@@ -156,10 +156,15 @@ pub fn ctx(a: CtxArgs) -> Result<()> {
         CtxOp::Tokens { id } => json!(store.tokens(app, &id)?),
     };
     store.flush();
-    if a.json {
+    print_json(&out, a.json)
+}
+
+/// One line of JSON with `--json`, indented JSON for people otherwise.
+pub fn print_json(out: &serde_json::Value, compact: bool) -> Result<()> {
+    if compact {
         println!("{out}");
     } else {
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        println!("{}", serde_json::to_string_pretty(out)?);
     }
     Ok(())
 }

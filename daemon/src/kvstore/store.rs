@@ -1375,13 +1375,7 @@ impl KvStore {
         };
         let has_tail = n_tokens % CHUNK_TOKENS != 0;
         let missing: Vec<usize> = (0..n_chunks)
-            .filter(|&i| {
-                let id = self.apps[a].contexts[&c].chunks[i];
-                self.apps[a]
-                    .chunks
-                    .get(&id)
-                    .is_none_or(|e| e.resident.is_none())
-            })
+            .filter(|&i| !self.chunk_resident(a, c, i))
             .collect();
         let tail_missing = has_tail && !tail_resident;
         if missing.is_empty() && !tail_missing {
@@ -1512,13 +1506,7 @@ impl KvStore {
         let still_missing: Vec<usize> = missing
             .iter()
             .copied()
-            .filter(|&i| {
-                let id = self.apps[a].contexts[&c].chunks[i];
-                self.apps[a]
-                    .chunks
-                    .get(&id)
-                    .is_none_or(|e| e.resident.is_none())
-            })
+            .filter(|&i| !self.chunk_resident(a, c, i))
             .collect();
         let mut recompute: Vec<bool> = vec![true; still_missing.len()];
         if self.cfg.policy == Policy::Llms {
@@ -1580,6 +1568,16 @@ impl KvStore {
         ))
     }
 
+    /// Whether chunk `i` of context `c` is in memory.
+    fn chunk_resident(&self, a: usize, c: u64, i: usize) -> bool {
+        let app = &self.apps[a];
+        app.contexts[&c]
+            .chunks
+            .get(i)
+            .and_then(|id| app.chunks.get(id))
+            .is_some_and(|e| e.resident.is_some())
+    }
+
     fn open_file(&self, a: usize, num: u64, kind: u8) -> Result<ChunkFile, String> {
         let cf = ChunkFile::open(&self.file_path(a, num)).map_err(|e| e.to_string())?;
         let h = cf.header();
@@ -1624,8 +1622,6 @@ impl KvStore {
         };
         let n_chunks = chunk_ids.len();
         let has_tail = tokens.len() % CHUNK_TOKENS != 0;
-        let tail_needs_recompute =
-            has_tail && tail_staged.is_none() && self.apps[a].contexts[&c].tail.staged.is_none();
         // Chunks being read: empty sealed chunks the loader fills.
         let pending: Vec<(usize, Arc<SealedChunk>)> = to_read
             .iter()
@@ -1652,9 +1648,6 @@ impl KvStore {
         }
         if has_tail {
             layout.push(tail_staged.map(ChunkSlot::Staged));
-            if tail_needs_recompute {
-                // handled below as a recompute run
-            }
         }
         let files: Vec<&ChunkFile> = to_read.iter().map(|(_, _, f)| f).collect();
         let any_recompute = layout.iter().any(Option::is_none);
@@ -2431,8 +2424,10 @@ fn sealed_from_concat(
     let chunk = SealedChunk::empty(shape, p);
     let per = llmsd_engine::kvchunk::layer_bytes(shape, p);
     if bytes.len() != per * shape.n_layers {
-        // set_layer reports the length mismatch as a typed error.
-        return chunk.set_layer(0, bytes.into()).map(|()| chunk);
+        return Err(ChunkError::ByteLength {
+            expected: per * shape.n_layers,
+            found: bytes.len(),
+        });
     }
     for (l, part) in bytes.chunks_exact(per).enumerate() {
         chunk.set_layer(l, part.into())?;
