@@ -1,4 +1,5 @@
-//! The llmsd service as a library: the KV store (contexts, chunk lifecycle, swap, restore).
-//! The `llmsd` binary's subcommands and, later, the daemon's front-ends are built on it.
+//! The llmsd service as a library: the KV store (contexts, chunk lifecycle, swap, restore)
+//! and the service every door calls (scheduler, identity, generation).
 
 pub mod kvstore;
+pub mod service;

@@ -228,7 +228,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         generated.push(id);
         history.push(id);
         pending.extend(l.tokenizer.token_bytes(id));
-        let piece = take_utf8(&mut pending);
+        let piece = llmsd::service::generation::take_utf8(&mut pending);
         let emit = match stops.push(&piece) {
             StopStep::Continue { emit } => emit,
             StopStep::Stopped { emit, .. } => {
@@ -265,30 +265,6 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         println!();
     }
     Ok(())
-}
-
-/// Removes and returns the longest valid UTF-8 prefix of `pending`, leaving an incomplete
-/// trailing character (a token may end mid-character) for the next token to finish.
-fn take_utf8(pending: &mut Vec<u8>) -> String {
-    match std::str::from_utf8(pending) {
-        Ok(s) => {
-            let s = s.to_string();
-            pending.clear();
-            s
-        }
-        Err(e) if e.error_len().is_none() => {
-            let valid = e.valid_up_to();
-            let s = String::from_utf8_lossy(&pending[..valid]).into_owned();
-            pending.drain(..valid);
-            s
-        }
-        Err(_) => {
-            // Invalid bytes that no continuation can fix: replace them.
-            let s = String::from_utf8_lossy(pending).into_owned();
-            pending.clear();
-            s
-        }
-    }
 }
 
 #[derive(clap::Args)]
@@ -529,15 +505,6 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn utf8_split_across_tokens_is_held_back() {
-        let mut p = "é".as_bytes()[..1].to_vec();
-        assert_eq!(take_utf8(&mut p), "");
-        p.push("é".as_bytes()[1]);
-        assert_eq!(take_utf8(&mut p), "é");
-        assert!(p.is_empty());
-    }
 
     #[test]
     fn ids_parse_in_any_separator() {

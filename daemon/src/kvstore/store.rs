@@ -226,6 +226,13 @@ pub struct RestoreReport {
     pub predicted_s: f64,
 }
 
+/// One session's share of [`KvStore::forward_sessions`].
+pub struct SessionStep<'a> {
+    pub session: &'a mut Session,
+    pub tokens: &'a [u32],
+    pub logits: Logits,
+}
+
 /// A context checked out for one call: resident whole, pinned against eviction.
 pub struct Session {
     app: usize,
@@ -1859,6 +1866,33 @@ impl KvStore {
             out.extend_from_slice(r);
             s.appended.extend_from_slice(part);
             self.seal_full_slots(s)?;
+        }
+        Ok(out)
+    }
+
+    /// One batched step over many sessions (decode tokens and prefill slices mixed): the
+    /// weights are read once for all of them. Returns the logits asked for, `vocab` per row,
+    /// in the order of `steps`.
+    pub fn forward_sessions(&mut self, steps: &mut [SessionStep<'_>]) -> Result<Vec<f32>> {
+        for st in steps.iter() {
+            self.check_length(st.session.kv.len() + st.tokens.len())?;
+        }
+        let out = {
+            let mut batch: Vec<SeqBatch<'_>> = steps
+                .iter_mut()
+                .map(|st| SeqBatch {
+                    tokens: st.tokens,
+                    start_pos: st.session.kv.len(),
+                    kv: &mut st.session.kv,
+                    logits: st.logits,
+                })
+                .collect();
+            self.model
+                .forward(&self.pool, &mut batch, &mut self.scratch)?
+                .to_vec()
+        };
+        for st in steps.iter_mut() {
+            self.after_forward(st.session, st.tokens)?;
         }
         Ok(out)
     }

@@ -1,0 +1,842 @@
+//! The engine thread: one loop serving every app with continuous batching.
+//!
+//! Each step runs one batched forward pass holding one decode token of every generating
+//! request plus a bounded slice of prompt tokens, so a long prompt delays others' next token
+//! by at most one slice. Waiting requests are admitted, and prompt slices handed out, by
+//! priority first and then by deficit round robin over apps (by tokens). Cancellation is
+//! checked before every step. Context operations run between steps.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Instant;
+
+use llmsd_engine::chat::ChatTemplate;
+use llmsd_engine::model::Logits;
+use llmsd_engine::sampling::Sampler;
+use llmsd_engine::tokenizer::Tokenizer;
+use llmsd_ipc::{
+    ApiError, Completion, ContextInfo, ErrorCode, FinishReason, Priority, PromptRequest, Response,
+    Timings, TokenLogprob, Usage,
+};
+use tokio::sync::{mpsc as tmpsc, oneshot};
+
+use super::drr::Drr;
+use super::generation::{self, Generation, Step};
+use super::metrics::Metrics;
+use super::transcript::{Renderer, Transcript, TranscriptStore};
+use super::{api_error, ServiceConfig, StreamItem};
+use crate::kvstore::{KvStore, Session, SessionStep};
+
+pub(crate) enum Op {
+    Create {
+        owner: String,
+        system: Option<String>,
+    },
+    List {
+        owner: String,
+    },
+    Get {
+        owner: String,
+        id: String,
+    },
+    Delete {
+        owner: String,
+        id: String,
+    },
+    Fork {
+        owner: String,
+        id: String,
+    },
+}
+
+pub(crate) enum Command {
+    Op(Op, oneshot::Sender<Result<Response, ApiError>>),
+    Prompt(Box<PromptJob>),
+    Shutdown,
+}
+
+pub(crate) struct PromptJob {
+    pub request: u64,
+    pub owner: String,
+    pub priority: Priority,
+    pub req: PromptRequest,
+    pub events: tmpsc::UnboundedSender<StreamItem>,
+    pub cancel: Arc<AtomicBool>,
+    pub enqueued: Instant,
+}
+
+impl PromptJob {
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed) || self.events.is_closed()
+    }
+}
+
+enum Phase {
+    /// Prompt tokens still to run through the model.
+    Prefill { pending: VecDeque<u32> },
+    /// The last sampled token, the next input.
+    Decode { next: u32 },
+}
+
+struct Running {
+    job: Box<PromptJob>,
+    ctx: String,
+    /// A one-off call's context, deleted at the end.
+    ephemeral: bool,
+    session: Option<Session>,
+    phase: Phase,
+    gen: Generation,
+    /// The conversation after this call's input (persistent contexts).
+    transcript: Transcript,
+    prompt: Vec<u32>,
+    cached: usize,
+    /// Prompt positions prefilled so far (for prompt log-probabilities).
+    prefilled: usize,
+    prompt_logprobs: Option<Vec<Option<TokenLogprob>>>,
+    top_logprobs: usize,
+    admitted: Instant,
+    restore_ms: f64,
+    prefill_started: Option<Instant>,
+    prefill_ms: f64,
+    first_token: Option<Instant>,
+}
+
+impl Running {
+    fn key(&self) -> (String, String) {
+        (self.job.owner.clone(), self.ctx.clone())
+    }
+}
+
+pub(crate) type Forget = Box<dyn Fn(u64) + Send>;
+
+pub(crate) struct Scheduler {
+    store: KvStore,
+    tokenizer: Arc<Tokenizer>,
+    template: Option<ChatTemplate>,
+    transcripts: TranscriptStore,
+    cfg: ServiceConfig,
+    metrics: Arc<Metrics>,
+    /// Removes a finished request from the service's table of cancellable requests.
+    forget: Forget,
+    waiting: HashMap<String, VecDeque<Box<PromptJob>>>,
+    running: Vec<Running>,
+    admit_drr: Drr,
+    prefill_drr: Drr,
+    shutdown: bool,
+}
+
+impl Scheduler {
+    pub(crate) fn new(
+        store: KvStore,
+        tokenizer: Arc<Tokenizer>,
+        template: Option<ChatTemplate>,
+        cfg: ServiceConfig,
+        metrics: Arc<Metrics>,
+        forget: Forget,
+    ) -> Self {
+        let transcripts = TranscriptStore::new(&store.config().state_dir);
+        let quantum = cfg.quantum_tokens as u64;
+        let s = Self {
+            store,
+            tokenizer,
+            template,
+            transcripts,
+            cfg,
+            metrics,
+            forget,
+            waiting: HashMap::new(),
+            running: Vec::new(),
+            admit_drr: Drr::new(1),
+            prefill_drr: Drr::new(quantum),
+            shutdown: false,
+        };
+        s.update_gauges();
+        s
+    }
+
+    pub(crate) fn run(mut self, rx: mpsc::Receiver<Command>) {
+        loop {
+            if self.running.is_empty() && self.waiting_len() == 0 {
+                match rx.recv() {
+                    Ok(c) => self.handle(c),
+                    Err(_) => break,
+                }
+            }
+            while let Ok(c) = rx.try_recv() {
+                self.handle(c);
+            }
+            if self.shutdown {
+                break;
+            }
+            self.reap_cancelled();
+            self.admit();
+            if !self.running.is_empty() {
+                self.step();
+            }
+        }
+        self.stop_all();
+    }
+
+    fn waiting_len(&self) -> usize {
+        self.waiting.values().map(VecDeque::len).sum()
+    }
+
+    fn update_gauges(&self) {
+        let m = &self.metrics;
+        m.running
+            .store(self.running.len() as u64, Ordering::Relaxed);
+        m.queued.store(self.waiting_len() as u64, Ordering::Relaxed);
+    }
+
+    fn update_store_gauges(&self) {
+        let st = self.store.stats();
+        self.metrics
+            .kv_resident_bytes
+            .store(st.kv_resident_bytes, Ordering::Relaxed);
+        self.metrics
+            .contexts
+            .store(st.contexts as u64, Ordering::Relaxed);
+    }
+
+    fn handle(&mut self, c: Command) {
+        match c {
+            Command::Op(op, reply) => {
+                let r = self.op(op);
+                if let Err(e) = &r {
+                    self.metrics.note_error(e.code);
+                }
+                let _ = reply.send(r);
+                self.update_store_gauges();
+            }
+            Command::Prompt(job) => {
+                Metrics::add(&self.metrics.prompts_total, 1);
+                self.admit_drr.join(&job.owner);
+                self.waiting
+                    .entry(job.owner.clone())
+                    .or_default()
+                    .push_back(job);
+            }
+            Command::Shutdown => self.shutdown = true,
+        }
+    }
+
+    fn info(&self, owner: &str, c: crate::kvstore::ContextInfo) -> ContextInfo {
+        ContextInfo {
+            messages: self.transcripts.load(owner, &c.id).messages() as u64,
+            id: c.id,
+            tokens: c.tokens as u64,
+            resident_bytes: c.resident_bytes,
+            disk_bytes: c.disk_bytes,
+            created_unix: c.created_unix,
+            last_use_unix: c.last_use_unix,
+        }
+    }
+
+    fn in_use(&self, owner: &str, id: &str) -> bool {
+        self.running
+            .iter()
+            .any(|r| r.job.owner == owner && r.ctx == id)
+    }
+
+    fn op(&mut self, op: Op) -> Result<Response, ApiError> {
+        match op {
+            Op::Create { owner, system } => {
+                let id = self.store.create_context(&owner, &[]).map_err(api_error)?;
+                if let Some(system) = system {
+                    let t = Transcript::Chat {
+                        messages: vec![llmsd_ipc::ChatMessage::new("system", system)],
+                    };
+                    if let Err(e) = self.transcripts.save(&owner, &id, &t) {
+                        let _ = self.store.delete(&owner, &id);
+                        return Err(ApiError::internal(format!("saving the transcript: {e}")));
+                    }
+                }
+                let c = self.store.info(&owner, &id).map_err(api_error)?;
+                Ok(Response::Context(self.info(&owner, c)))
+            }
+            Op::List { owner } => {
+                let list = self.store.list(&owner);
+                Ok(Response::Contexts(
+                    list.into_iter().map(|c| self.info(&owner, c)).collect(),
+                ))
+            }
+            Op::Get { owner, id } => {
+                let c = self.store.info(&owner, &id).map_err(api_error)?;
+                Ok(Response::Context(self.info(&owner, c)))
+            }
+            Op::Delete { owner, id } => {
+                if self.in_use(&owner, &id) {
+                    return Err(ApiError::invalid(format!(
+                        "context {id} is in use by a running prompt; cancel it first"
+                    )));
+                }
+                self.store.delete(&owner, &id).map_err(api_error)?;
+                self.transcripts.delete(&owner, &id);
+                Ok(Response::Ok)
+            }
+            Op::Fork { owner, id } => {
+                let new = self.store.fork(&owner, &id).map_err(api_error)?;
+                let t = self.transcripts.load(&owner, &id);
+                if t != Transcript::Empty {
+                    if let Err(e) = self.transcripts.save(&owner, &new, &t) {
+                        let _ = self.store.delete(&owner, &new);
+                        return Err(ApiError::internal(format!("saving the transcript: {e}")));
+                    }
+                }
+                let c = self.store.info(&owner, &new).map_err(api_error)?;
+                Ok(Response::Context(self.info(&owner, c)))
+            }
+        }
+    }
+
+    fn fail_job(&self, job: &PromptJob, e: ApiError) {
+        self.metrics.note_error(e.code);
+        let _ = job.events.send(StreamItem::Failed(e));
+        (self.forget)(job.request);
+    }
+
+    /// Drops cancelled requests, waiting or running; a running one's context is left as it
+    /// was before the call.
+    fn reap_cancelled(&mut self) {
+        let mut cancelled = Vec::new();
+        for q in self.waiting.values_mut() {
+            let mut keep = VecDeque::new();
+            while let Some(j) = q.pop_front() {
+                if j.cancelled() {
+                    cancelled.push(j);
+                } else {
+                    keep.push_back(j);
+                }
+            }
+            *q = keep;
+        }
+        for j in cancelled {
+            self.fail_job(&j, ApiError::cancelled());
+        }
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].job.cancelled() {
+                let r = self.running.swap_remove(i);
+                self.abort(r, ApiError::cancelled());
+            } else {
+                i += 1;
+            }
+        }
+        self.update_gauges();
+    }
+
+    /// Moves waiting requests into the running set: foreground first, background last, and
+    /// round robin between apps within a priority.
+    fn admit(&mut self) {
+        while self.running.len() < self.cfg.max_running {
+            let busy: HashSet<(String, String)> = self.running.iter().map(Running::key).collect();
+            let runnable = |j: &PromptJob| match &j.req.context {
+                Some(c) => !busy.contains(&(j.owner.clone(), c.clone())),
+                None => true,
+            };
+            // The best priority among requests that can start now.
+            let Some(top) = self
+                .waiting
+                .values()
+                .flat_map(|q| q.iter())
+                .filter(|j| runnable(j))
+                .map(|j| j.priority)
+                .max()
+            else {
+                break;
+            };
+            let has = |owner: &str| {
+                self.waiting
+                    .get(owner)
+                    .is_some_and(|q| q.iter().any(|j| j.priority == top && runnable(j)))
+            };
+            let Some(owner) = self.admit_drr.pick(has, |_| 1) else {
+                break;
+            };
+            let Some(q) = self.waiting.get_mut(&owner) else {
+                break;
+            };
+            let Some(pos) = q.iter().position(|j| j.priority == top && runnable(j)) else {
+                break;
+            };
+            let Some(job) = q.remove(pos) else { break };
+            if q.is_empty() {
+                self.waiting.remove(&owner);
+            }
+            match self.start(job) {
+                Ok(r) => {
+                    self.prefill_drr.join(&r.job.owner);
+                    self.running.push(r);
+                }
+                Err((job, e)) => self.fail_job(&job, e),
+            }
+        }
+        // Apps with nothing left leave the admission ring.
+        let idle: Vec<String> = self
+            .waiting
+            .iter()
+            .filter(|(_, q)| q.is_empty())
+            .map(|(o, _)| o.clone())
+            .collect();
+        for o in idle {
+            self.waiting.remove(&o);
+        }
+        self.update_gauges();
+    }
+
+    /// Resolves a request's tokens against its context and makes the context resident.
+    #[allow(clippy::result_large_err)]
+    fn start(&mut self, job: Box<PromptJob>) -> Result<Running, (Box<PromptJob>, ApiError)> {
+        let admitted = Instant::now();
+        let owner = job.owner.clone();
+        let renderer = Renderer {
+            tokenizer: &self.tokenizer,
+            template: self.template.as_ref(),
+        };
+        let (ctx, ephemeral, transcript) = match &job.req.context {
+            Some(id) => {
+                if let Err(e) = self.store.info(&owner, id) {
+                    return Err((job, api_error(e)));
+                }
+                let t = match self.transcripts.load(&owner, id).extended(&job.req.input) {
+                    Ok(t) => t,
+                    Err(e) => return Err((job, e)),
+                };
+                (id.clone(), false, t)
+            }
+            None => {
+                let t = match Transcript::Empty.extended(&job.req.input) {
+                    Ok(t) => t,
+                    Err(e) => return Err((job, e)),
+                };
+                match self.store.create_context(&owner, &[]) {
+                    Ok(id) => (id, true, t),
+                    Err(e) => return Err((job, api_error(e))),
+                }
+            }
+        };
+        let cleanup = |s: &mut Self| {
+            if ephemeral {
+                let _ = s.store.delete(&owner, &ctx);
+            }
+        };
+        let prompt = match renderer.tokens(&transcript) {
+            Ok(p) => p,
+            Err(e) => {
+                cleanup(self);
+                return Err((job, e));
+            }
+        };
+        let max_ctx = self.store.config().max_context_tokens;
+        if prompt.len() >= max_ctx {
+            cleanup(self);
+            let e = ApiError::new(
+                ErrorCode::ContextWindowExceeded,
+                format!(
+                    "the prompt has {} tokens; the context limit is {max_ctx}",
+                    prompt.len()
+                ),
+            );
+            return Err((job, e));
+        }
+        if prompt.is_empty() {
+            cleanup(self);
+            return Err((job, ApiError::invalid("the prompt has no tokens")));
+        }
+        // Keep what the context already holds of this prompt; at least one token is run to
+        // get logits, and prompt log-probabilities need every position run.
+        let held = match self.store.tokens(&owner, &ctx) {
+            Ok(t) => t.to_vec(),
+            Err(e) => {
+                cleanup(self);
+                return Err((job, api_error(e)));
+            }
+        };
+        let mut cached = held
+            .iter()
+            .zip(&prompt)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(prompt.len() - 1);
+        if job.req.params.prompt_logprobs {
+            cached = 0;
+        }
+        if cached < held.len() {
+            if let Err(e) = self.store.truncate(&owner, &ctx, cached) {
+                cleanup(self);
+                return Err((job, api_error(e)));
+            }
+        }
+        let room = max_ctx - prompt.len();
+        let reserve = prompt.len() - cached + (job.req.params.max_tokens as usize).min(room);
+        let t0 = Instant::now();
+        let session = match self.store.open_session(&owner, &ctx, reserve) {
+            Ok(s) => s,
+            Err(e) => {
+                cleanup(self);
+                return Err((job, api_error(e)));
+            }
+        };
+        let restore_ms = t0.elapsed().as_secs_f64() * 1e3;
+        Metrics::add(&self.metrics.restore_us_total, (restore_ms * 1e3) as u64);
+        let gen = match Generation::new(&job.req.params, &prompt) {
+            Ok(g) => g,
+            Err(e) => {
+                self.store.abort_session(session);
+                cleanup(self);
+                return Err((job, e));
+            }
+        };
+        let prompt_logprobs = job.req.params.prompt_logprobs.then(|| vec![None]);
+        let top_logprobs = job.req.params.logprobs.unwrap_or(0) as usize;
+        Ok(Running {
+            ctx,
+            ephemeral,
+            session: Some(session),
+            phase: Phase::Prefill {
+                pending: prompt[cached..].iter().copied().collect(),
+            },
+            gen,
+            transcript,
+            prompt,
+            cached,
+            prefilled: cached,
+            prompt_logprobs,
+            top_logprobs,
+            admitted,
+            restore_ms,
+            prefill_started: None,
+            prefill_ms: 0.0,
+            first_token: None,
+            job,
+        })
+    }
+
+    /// One batched forward pass and what follows from it.
+    fn step(&mut self) {
+        let t0 = Instant::now();
+        let n = self.running.len();
+        let prefilling = |r: &Running| matches!(r.phase, Phase::Prefill { .. });
+        let fg_prefill = self
+            .running
+            .iter()
+            .any(|r| prefilling(r) && r.job.priority > Priority::Background);
+        // Decoders: everyone past the prompt; background work yields to others' prompts.
+        let mut plan: Vec<(usize, Vec<u32>, Logits)> = Vec::new();
+        for (i, r) in self.running.iter().enumerate() {
+            if let Phase::Decode { next } = r.phase {
+                if r.job.priority == Priority::Background && fg_prefill {
+                    continue;
+                }
+                plan.push((i, vec![next], Logits::Last));
+            }
+        }
+        let mut budget = if plan.is_empty() {
+            self.cfg.alone_prefill_tokens
+        } else {
+            self.cfg.step_prefill_tokens
+        };
+        // Prompt slices: best priority first, DRR by tokens between apps.
+        let mut taken: HashSet<usize> = HashSet::new();
+        while budget > 0 {
+            let candidates: Vec<usize> = (0..n)
+                .filter(|&i| prefilling(&self.running[i]) && !taken.contains(&i))
+                .collect();
+            let Some(top) = candidates
+                .iter()
+                .map(|&i| self.running[i].job.priority)
+                .max()
+            else {
+                break;
+            };
+            if top == Priority::Background && fg_prefill {
+                break;
+            }
+            let pending_of = |i: usize| match &self.running[i].phase {
+                Phase::Prefill { pending } => pending.len(),
+                Phase::Decode { .. } => 0,
+            };
+            let first_of = |owner: &str| {
+                candidates.iter().copied().find(|&i| {
+                    self.running[i].job.owner == owner && self.running[i].job.priority == top
+                })
+            };
+            let Some(owner) = self.prefill_drr.pick(
+                |o| first_of(o).is_some(),
+                |o| first_of(o).map_or(1, |i| pending_of(i).min(budget) as u64),
+            ) else {
+                break;
+            };
+            let Some(i) = first_of(&owner) else { break };
+            let k = pending_of(i).min(budget);
+            let r = &mut self.running[i];
+            let Phase::Prefill { pending } = &mut r.phase else {
+                break;
+            };
+            let tokens: Vec<u32> = pending.iter().take(k).copied().collect();
+            let last = k == pending.len();
+            let logits = if r.prompt_logprobs.is_some() {
+                Logits::All
+            } else if last {
+                Logits::Last
+            } else {
+                Logits::None
+            };
+            r.prefill_started.get_or_insert(t0);
+            plan.push((i, tokens, logits));
+            taken.insert(i);
+            budget -= k;
+        }
+        if plan.is_empty() {
+            return;
+        }
+        // Check the sessions out of their requests for the batched call.
+        let mut sessions: Vec<Session> = Vec::with_capacity(plan.len());
+        for (i, _, _) in &plan {
+            match self.running[*i].session.take() {
+                Some(s) => sessions.push(s),
+                None => {
+                    // Cannot happen: every running request holds its session.
+                    tracing::error!("running request without a session");
+                    return;
+                }
+            }
+        }
+        let result = {
+            let mut steps: Vec<SessionStep<'_>> = sessions
+                .iter_mut()
+                .zip(&plan)
+                .map(|(s, (_, tokens, logits))| SessionStep {
+                    session: s,
+                    tokens,
+                    logits: *logits,
+                })
+                .collect();
+            self.store.forward_sessions(&mut steps)
+        };
+        for ((i, _, _), s) in plan.iter().zip(sessions) {
+            self.running[*i].session = Some(s);
+        }
+        Metrics::add(&self.metrics.engine_steps_total, 1);
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => {
+                // A failed step leaves these requests' caches unusable: end them, contexts
+                // as they were.
+                let e = api_error(e);
+                let mut idx: Vec<usize> = plan.iter().map(|p| p.0).collect();
+                idx.sort_unstable_by(|a, b| b.cmp(a));
+                for i in idx {
+                    let r = self.running.swap_remove(i);
+                    self.abort(r, e.clone());
+                }
+                self.update_gauges();
+                return;
+            }
+        };
+        let vocab = self.store.model().config.vocab_size;
+        let mut offset = 0;
+        let mut done: Vec<(usize, FinishReason)> = Vec::new();
+        for (i, tokens, kind) in &plan {
+            let rows = match kind {
+                Logits::None => 0,
+                Logits::Last => 1,
+                Logits::All => tokens.len(),
+            };
+            let mut block = logits[offset..offset + rows * vocab].to_vec();
+            offset += rows * vocab;
+            let r = &mut self.running[*i];
+            let ended = match &mut r.phase {
+                Phase::Prefill { pending } => {
+                    pending.drain(..tokens.len());
+                    let finished = pending.is_empty();
+                    if let Some(pl) = &mut r.prompt_logprobs {
+                        // Row j predicts prompt position prefilled + j + 1.
+                        for j in 0..rows {
+                            let pos = r.prefilled + j + 1;
+                            if let Some(&want) = r.prompt.get(pos) {
+                                let row = &block[j * vocab..(j + 1) * vocab];
+                                let (lp, top) = Sampler::logprobs(row, want, r.top_logprobs);
+                                pl.push(Some(generation::token_logprob(
+                                    &self.tokenizer,
+                                    want,
+                                    lp,
+                                    &top,
+                                )));
+                            }
+                        }
+                    }
+                    r.prefilled += tokens.len();
+                    Metrics::add(&self.metrics.prefilled_tokens_total, tokens.len() as u64);
+                    if finished {
+                        r.prefill_ms = r
+                            .prefill_started
+                            .map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
+                        let last = block.len().saturating_sub(vocab);
+                        Self::sample(r, &mut block[last..], &self.tokenizer, max_ctx(&self.store))
+                    } else {
+                        None
+                    }
+                }
+                Phase::Decode { .. } => {
+                    Self::sample(r, &mut block, &self.tokenizer, max_ctx(&self.store))
+                }
+            };
+            if let Some(reason) = ended {
+                done.push((*i, reason));
+            }
+        }
+        let busy_us = t0.elapsed().as_micros() as u64;
+        Metrics::add(&self.metrics.engine_busy_us_total, busy_us);
+        // Finish from the back so indices stay valid.
+        done.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        for (i, reason) in done {
+            let r = self.running.swap_remove(i);
+            self.finish(r, reason);
+        }
+        self.update_gauges();
+    }
+
+    /// Samples from one request's logits row; returns how it ended, if it did.
+    fn sample(
+        r: &mut Running,
+        row: &mut [f32],
+        tok: &Tokenizer,
+        max_ctx: usize,
+    ) -> Option<FinishReason> {
+        if r.first_token.is_none() {
+            r.first_token = Some(Instant::now());
+        }
+        let step = r.gen.step(row, tok);
+        let (event, reason) = match step {
+            Step::Token(ev) => {
+                r.phase = Phase::Decode { next: ev.token_id };
+                (Some(ev), None)
+            }
+            Step::Finish(ev, reason) => (ev, Some(reason)),
+        };
+        if let Some(ev) = event {
+            if r.job.req.stream {
+                let _ = r.job.events.send(StreamItem::Token(ev));
+            }
+        }
+        if reason.is_some() {
+            return reason;
+        }
+        // The next input must fit in the context.
+        let len = r.session.as_ref().map_or(0, Session::len);
+        if len + 1 > max_ctx {
+            let tail = r.gen.finish_early();
+            if !tail.is_empty() && r.job.req.stream {
+                let _ = r.job.events.send(StreamItem::Token(llmsd_ipc::TokenEvent {
+                    index: r.gen.generated.len() as u32,
+                    token_id: tok.eos_id().unwrap_or(0),
+                    text: tail,
+                    logprob: None,
+                }));
+            }
+            return Some(FinishReason::Length);
+        }
+        None
+    }
+
+    /// Ends a request that completed: its context keeps the call (saved ahead of time), the
+    /// conversation takes the reply, and the caller gets the completion.
+    fn finish(&mut self, mut r: Running, reason: FinishReason) {
+        let Some(session) = r.session.take() else {
+            return;
+        };
+        let owner = r.job.owner.clone();
+        if r.ephemeral {
+            self.store.abort_session(session);
+            let _ = self.store.delete(&owner, &r.ctx);
+        } else {
+            if let Err(e) = self.store.close_session(session) {
+                let e = api_error(e);
+                self.fail_job(&r.job, e);
+                return;
+            }
+            let t = std::mem::take(&mut r.transcript).with_reply(&r.gen.text);
+            if let Err(e) = self.transcripts.save(&owner, &r.ctx, &t) {
+                // The KV is saved; a lost transcript costs a recompute of the next turn.
+                tracing::warn!(owner, ctx = r.ctx, error = %e, "saving the transcript failed");
+            }
+        }
+        let now = Instant::now();
+        let first = r.first_token.unwrap_or(now);
+        let generated = r.gen.generated.len() as u64;
+        let decode_s = (now - first).as_secs_f64();
+        let timings = Timings {
+            queued_ms: (r.admitted - r.job.enqueued).as_secs_f64() * 1e3,
+            restore_ms: r.restore_ms,
+            prefilled_tokens: (r.prompt.len() - r.cached) as u64,
+            prefill_ms: r.prefill_ms,
+            first_token_ms: (first - r.admitted).as_secs_f64() * 1e3,
+            decode_ms: decode_s * 1e3,
+            decode_tok_s: if generated > 1 && decode_s > 0.0 {
+                (generated - 1) as f64 / decode_s
+            } else {
+                0.0
+            },
+        };
+        let usage = Usage {
+            prompt_tokens: r.prompt.len() as u64,
+            cached_tokens: r.cached as u64,
+            completion_tokens: generated,
+            total_tokens: r.prompt.len() as u64 + generated,
+        };
+        let m = &self.metrics;
+        Metrics::add(&m.completed_total, 1);
+        Metrics::add(&m.prompt_tokens_total, usage.prompt_tokens);
+        Metrics::add(&m.cached_tokens_total, usage.cached_tokens);
+        Metrics::add(&m.generated_tokens_total, generated);
+        let completion = Completion {
+            context: (!r.ephemeral).then(|| r.ctx.clone()),
+            text: std::mem::take(&mut r.gen.text),
+            finish_reason: reason,
+            usage,
+            timings,
+            logprobs: r
+                .job
+                .req
+                .params
+                .logprobs
+                .map(|_| std::mem::take(&mut r.gen.logprobs)),
+            prompt_logprobs: r.prompt_logprobs.take(),
+        };
+        let _ = r.job.events.send(StreamItem::Done(Box::new(completion)));
+        (self.forget)(r.job.request);
+        self.update_store_gauges();
+    }
+
+    /// Ends a request without keeping anything of the call.
+    fn abort(&mut self, mut r: Running, e: ApiError) {
+        if let Some(s) = r.session.take() {
+            self.store.abort_session(s);
+        }
+        if r.ephemeral {
+            let _ = self.store.delete(&r.job.owner, &r.ctx);
+        }
+        self.fail_job(&r.job, e);
+    }
+
+    /// Shutdown: running calls end without changing their contexts; queued ones are refused.
+    fn stop_all(&mut self) {
+        let e = ApiError::new(ErrorCode::ModelUnavailable, "the daemon is shutting down");
+        for r in std::mem::take(&mut self.running) {
+            self.abort(r, e.clone());
+        }
+        for (_, q) in std::mem::take(&mut self.waiting) {
+            for j in q {
+                self.fail_job(&j, e.clone());
+            }
+        }
+        self.store.flush();
+        self.update_gauges();
+    }
+}
+
+fn max_ctx(store: &KvStore) -> usize {
+    store.config().max_context_tokens
+}

@@ -1,0 +1,398 @@
+//! Requests, responses and stream events. Every door carries the same values: the socket as
+//! JSON frames, D-Bus as method arguments and signals, HTTP mapped to OpenAI's shapes.
+
+use serde::{Deserialize, Serialize};
+
+/// A method call on the socket door.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "method", content = "params", rename_all = "snake_case")]
+pub enum Request {
+    /// New context, optionally opened with a system prompt. → [`Response::Context`]
+    CreateContext(CreateContext),
+    /// The caller's contexts. → [`Response::Contexts`]
+    ListContexts,
+    /// One context. → [`Response::Context`]
+    GetContext { context: String },
+    /// → [`Response::Ok`]
+    DeleteContext { context: String },
+    /// Copy-on-write copy of a context (shares its chunks). → [`Response::Context`]
+    ForkContext { context: String },
+    /// Generation: [`crate::ServerFrame::Event`]s with tokens, then [`Response::Completion`].
+    Prompt(PromptRequest),
+    /// Cancels one of this connection's running prompts (by its request id). → [`Response::Ok`]
+    Cancel { request: u64 },
+    /// Token ids of a text. → [`Response::Tokens`]
+    Tokenize(TokenizeRequest),
+    /// → [`Response::Model`]
+    ModelInfo,
+    /// → [`Response::Health`]
+    Health,
+}
+
+impl Request {
+    /// The method name as it appears on the wire.
+    pub fn method(&self) -> &'static str {
+        match self {
+            Request::CreateContext(_) => "create_context",
+            Request::ListContexts => "list_contexts",
+            Request::GetContext { .. } => "get_context",
+            Request::DeleteContext { .. } => "delete_context",
+            Request::ForkContext { .. } => "fork_context",
+            Request::Prompt(_) => "prompt",
+            Request::Cancel { .. } => "cancel",
+            Request::Tokenize(_) => "tokenize",
+            Request::ModelInfo => "model_info",
+            Request::Health => "health",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateContext {
+    /// System prompt of a chat context (rendered by the model's chat template).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizeRequest {
+    pub text: String,
+    /// Parse special tokens such as `<|im_start|>` (otherwise they are plain text).
+    #[serde(default)]
+    pub special: bool,
+}
+
+/// What to generate from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PromptInput {
+    /// Raw text appended to the context (or the whole prompt without one). Special-token
+    /// text in it is plain text.
+    Text(String),
+    /// Chat messages: with a context, the new turn(s) appended to its conversation; without,
+    /// the whole conversation. Rendered with the model's chat template.
+    Messages(Vec<ChatMessage>),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatMessage {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromptRequest {
+    /// A persistent context to continue (only the new tokens are prefilled); none = a
+    /// one-off call whose state is dropped at the end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<String>,
+    pub input: PromptInput,
+    #[serde(default)]
+    pub params: GenerationParams,
+    /// Send a token event per token (otherwise only the completion).
+    #[serde(default = "yes")]
+    pub stream: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Output format constraint.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResponseFormat {
+    #[default]
+    Text,
+    /// The output is one JSON object (generation is constrained to valid JSON).
+    JsonObject,
+}
+
+/// How the scheduler treats a request relative to other apps' work.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    /// Yields to everything else.
+    Background,
+    #[default]
+    Normal,
+    /// Goes first (an app the owner marked foreground).
+    Foreground,
+}
+
+/// Sampling and limits of one generation. Defaults: greedy, 256 tokens.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GenerationParams {
+    pub max_tokens: u32,
+    /// 0 = greedy.
+    pub temperature: f32,
+    pub top_p: f32,
+    /// 0 = off.
+    pub top_k: u32,
+    /// 0 = off.
+    pub min_p: f32,
+    /// 1 = off.
+    pub repetition_penalty: f32,
+    pub frequency_penalty: f32,
+    pub presence_penalty: f32,
+    pub seed: Option<u64>,
+    /// Generation ends before any of these strings (at most 4, each 1-256 bytes).
+    pub stop: Vec<String>,
+    /// Return the log-probability of each generated token and this many alternatives
+    /// (0-20); `None` = no log-probabilities.
+    pub logprobs: Option<u32>,
+    /// Also return log-probabilities of the prompt tokens (completions' `echo`).
+    pub prompt_logprobs: bool,
+    pub response_format: ResponseFormat,
+    /// Ask for background treatment (an app cannot raise its own priority).
+    pub priority: Priority,
+}
+
+impl Default for GenerationParams {
+    fn default() -> Self {
+        Self {
+            max_tokens: 256,
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            seed: None,
+            stop: Vec::new(),
+            logprobs: None,
+            prompt_logprobs: false,
+            response_format: ResponseFormat::Text,
+            priority: Priority::Normal,
+        }
+    }
+}
+
+/// A successful reply.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "value", rename_all = "snake_case")]
+pub enum Response {
+    Ok,
+    Context(ContextInfo),
+    Contexts(Vec<ContextInfo>),
+    Completion(Completion),
+    Tokens(Vec<u32>),
+    Model(ModelInfo),
+    Health(Health),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ContextInfo {
+    pub id: String,
+    /// Tokens the context holds (its KV covers all of them).
+    pub tokens: u64,
+    /// Messages of its conversation so far (chat contexts).
+    pub messages: u64,
+    pub resident_bytes: u64,
+    pub disk_bytes: u64,
+    pub created_unix: u64,
+    pub last_use_unix: u64,
+}
+
+/// One generated token, streamed as it is sampled.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    Token(TokenEvent),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TokenEvent {
+    /// 0-based index among the generated tokens.
+    pub index: u32,
+    pub token_id: u32,
+    /// Text this token completes (may be empty while a multi-byte character or a possible
+    /// stop string is held back; the held text comes with a later token or the completion).
+    pub text: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprob: Option<TokenLogprob>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    pub id: u32,
+    /// The token's text (lossy UTF-8 of its bytes).
+    pub token: String,
+    pub logprob: f32,
+    /// Its bytes (a token can be part of a character).
+    pub bytes: Vec<u8>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub top: Vec<TopLogprob>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TopLogprob {
+    pub id: u32,
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// End-of-generation token, a stop string, or a complete JSON object.
+    Stop,
+    /// `max_tokens`, or the context is full.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// The end of a generation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Completion {
+    /// The context the call continued (none for a one-off call).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<String>,
+    /// All generated text (stop string excluded).
+    pub text: String,
+    pub finish_reason: FinishReason,
+    pub usage: Usage,
+    pub timings: Timings,
+    /// Log-probabilities of the generated tokens, when asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<Vec<TokenLogprob>>,
+    /// Log-probabilities of the prompt tokens (the first has none), when asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<Vec<Option<TokenLogprob>>>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Tokens of the whole prompt (for a context: everything it held plus the new turn).
+    pub prompt_tokens: u64,
+    /// Prompt tokens whose KV was already in the context (not prefilled again).
+    pub cached_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Timings {
+    /// Waiting in the scheduler's queue.
+    pub queued_ms: f64,
+    /// Making the context's KV resident (load and recompute of evicted chunks).
+    pub restore_ms: f64,
+    /// Tokens actually run through the model for the prompt (`prompt - cached`).
+    pub prefilled_tokens: u64,
+    pub prefill_ms: f64,
+    /// From admission to the first generated token.
+    pub first_token_ms: f64,
+    pub decode_ms: f64,
+    /// Generated tokens per second of decode.
+    pub decode_tok_s: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    /// The model's id on every door (file name without `.gguf`).
+    pub id: String,
+    pub architecture: String,
+    pub file_bytes: u64,
+    pub parameters: u64,
+    pub context_length: u64,
+    /// Largest context a caller may build (≤ the model's window).
+    pub max_context_tokens: u64,
+    pub vocab_size: u64,
+    pub chat_template: bool,
+    /// The KV policy of the store (`llms`, `paged`, ...).
+    pub kv_policy: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Health {
+    pub status: String,
+    pub version: String,
+    pub model: String,
+    pub uptime_s: f64,
+    pub running: u64,
+    pub queued: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn request_wire_forms() {
+        let r = Request::GetContext {
+            context: "ctx-1".into(),
+        };
+        assert_eq!(
+            serde_json::to_value(&r).unwrap(),
+            json!({"method":"get_context","params":{"context":"ctx-1"}})
+        );
+        let list: Request = serde_json::from_value(json!({"method":"list_contexts"})).unwrap();
+        assert_eq!(list, Request::ListContexts);
+        let p: Request = serde_json::from_value(json!({
+            "method": "prompt",
+            "params": {"context": "ctx-1", "input": {"messages": [{"role":"user","content":"hi"}]},
+                       "params": {"max_tokens": 8, "stop": ["\n"]}}
+        }))
+        .unwrap();
+        let Request::Prompt(p) = p else {
+            panic!("not a prompt: {p:?}")
+        };
+        assert!(p.stream);
+        assert_eq!(p.params.max_tokens, 8);
+        assert_eq!(p.params.temperature, 0.0);
+        assert_eq!(
+            p.input,
+            PromptInput::Messages(vec![ChatMessage::new("user", "hi")])
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let bad = serde_json::from_value::<Request>(json!({
+            "method": "prompt",
+            "params": {"input": {"text": "x"}, "params": {"max_tokenz": 3}}
+        }));
+        assert!(bad.unwrap_err().to_string().contains("max_tokenz"));
+        assert!(serde_json::from_value::<Request>(json!({"method": "reboot"})).is_err());
+    }
+
+    #[test]
+    fn response_wire_forms() {
+        assert_eq!(
+            serde_json::to_value(Response::Ok).unwrap(),
+            json!({"kind":"ok"})
+        );
+        assert_eq!(
+            serde_json::to_value(Response::Tokens(vec![1, 2])).unwrap(),
+            json!({"kind":"tokens","value":[1,2]})
+        );
+    }
+}
