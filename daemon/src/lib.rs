@@ -1,5 +1,7 @@
 //! The llmsd service as a library: the KV store (contexts, chunk lifecycle, swap, restore)
 //! and the service every door calls (scheduler, identity, generation).
 
+pub mod config;
 pub mod kvstore;
 pub mod service;
+pub mod socket;
