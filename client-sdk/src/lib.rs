@@ -144,32 +144,25 @@ impl Client {
         let routes: Routes = Arc::default();
         let reader_routes = routes.clone();
         tokio::spawn(async move {
-            loop {
-                match read_frame(&mut rd).await {
-                    Ok(Some(f)) => {
-                        let id = match &f {
-                            ServerFrame::Response { id, .. } | ServerFrame::Event { id, .. } => {
-                                Some(*id)
-                            }
-                            ServerFrame::Error { id, .. } => *id,
-                            ServerFrame::Welcome { .. } => None,
-                        };
-                        let Ok(r) = reader_routes.lock() else { break };
-                        match id {
-                            Some(id) => {
-                                if let Some(tx) = r.get(&id) {
-                                    let _ = tx.send(f);
-                                }
-                            }
-                            // An error of the whole connection: every request gets it.
-                            None => {
-                                for tx in r.values() {
-                                    let _ = tx.send(f.clone());
-                                }
-                            }
+            while let Ok(Some(f)) = read_frame(&mut rd).await {
+                let id = match &f {
+                    ServerFrame::Response { id, .. } | ServerFrame::Event { id, .. } => Some(*id),
+                    ServerFrame::Error { id, .. } => *id,
+                    ServerFrame::Welcome { .. } => None,
+                };
+                let Ok(r) = reader_routes.lock() else { break };
+                match id {
+                    Some(id) => {
+                        if let Some(tx) = r.get(&id) {
+                            let _ = tx.send(f);
                         }
                     }
-                    Ok(None) | Err(_) => break,
+                    // An error of the whole connection: every request gets it.
+                    None => {
+                        for tx in r.values() {
+                            let _ = tx.send(f.clone());
+                        }
+                    }
                 }
             }
             // Closing every route wakes their waiters with `Closed`.
@@ -433,32 +426,28 @@ impl TokenStream {
         if self.done.is_some() {
             return Ok(None);
         }
-        loop {
-            match self.rx.recv().await {
-                Some(ServerFrame::Event {
-                    event: Event::Token(t),
-                    ..
-                }) => return Ok(Some(t)),
-                Some(ServerFrame::Response {
-                    response: Response::Completion(c),
-                    ..
-                }) => {
-                    self.done = Some(Ok(c));
-                    self.client.forget(self.id);
-                    return Ok(None);
-                }
-                Some(ServerFrame::Error { error, .. }) => {
-                    self.client.forget(self.id);
-                    self.done = Some(Err(error.clone().into()));
-                    return Err(error.into());
-                }
-                Some(other) => {
-                    return Err(ClientError::Protocol(format!("unexpected frame {other:?}")))
-                }
-                None => {
-                    self.done = Some(Err(ClientError::Closed));
-                    return Err(ClientError::Closed);
-                }
+        match self.rx.recv().await {
+            Some(ServerFrame::Event {
+                event: Event::Token(t),
+                ..
+            }) => Ok(Some(t)),
+            Some(ServerFrame::Response {
+                response: Response::Completion(c),
+                ..
+            }) => {
+                self.done = Some(Ok(c));
+                self.client.forget(self.id);
+                Ok(None)
+            }
+            Some(ServerFrame::Error { error, .. }) => {
+                self.client.forget(self.id);
+                self.done = Some(Err(error.clone().into()));
+                Err(error.into())
+            }
+            Some(other) => Err(ClientError::Protocol(format!("unexpected frame {other:?}"))),
+            None => {
+                self.done = Some(Err(ClientError::Closed));
+                Err(ClientError::Closed)
             }
         }
     }
