@@ -16,6 +16,8 @@
 //!
 //! One connection carries many requests at once; every method may be called concurrently.
 
+pub mod bench;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};

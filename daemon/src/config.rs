@@ -63,6 +63,7 @@ pub struct SchedulerSection {
     pub max_queued: Option<usize>,
     pub step_prefill_tokens: Option<usize>,
     pub alone_prefill_tokens: Option<usize>,
+    pub prefill_latency_factor: Option<f64>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]

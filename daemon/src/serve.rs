@@ -107,6 +107,13 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         .alone_prefill_tokens
         .unwrap_or(svc.alone_prefill_tokens)
         .max(1);
+    if let Some(f) = s.prefill_latency_factor {
+        anyhow::ensure!(
+            f.is_finite() && f > 0.0,
+            "scheduler.prefill_latency_factor must be positive, got {f}"
+        );
+        svc.prefill_latency_factor = f;
+    }
     svc.app_priority = file
         .apps
         .iter()

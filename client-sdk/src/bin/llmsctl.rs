@@ -48,6 +48,22 @@ enum Cmd {
     Delete { context: String },
     /// The daemon's model and health, as JSON.
     Status,
+    /// Serving benchmark: concurrent apps with multi-turn conversations, against one app in
+    /// the same run, and inter-token latency while another app prefills a long prompt.
+    Bench {
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        #[arg(long, default_value_t = 2)]
+        turns: usize,
+        #[arg(long, default_value_t = 64)]
+        gen_tokens: u32,
+        /// Tokens of the long prompt (0 skips the interference phase).
+        #[arg(long, default_value_t = 2048)]
+        prefill_tokens: usize,
+        /// Text the long prompt is cut from.
+        #[arg(long, default_value = "/usr/share/common-licenses/GPL-3")]
+        prefill_file: PathBuf,
+    },
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -114,6 +130,26 @@ async fn main() -> Result<()> {
             );
         }
         Cmd::Delete { context } => client.context(&context).delete().await?,
+        Cmd::Bench {
+            clients,
+            turns,
+            gen_tokens,
+            prefill_tokens,
+            prefill_file,
+        } => {
+            let prefill_text = std::fs::read_to_string(&prefill_file)
+                .with_context(|| format!("reading {}", prefill_file.display()))?;
+            let out = llmsd_client::bench::bench(llmsd_client::bench::BenchOptions {
+                socket: path,
+                clients,
+                turns,
+                gen_tokens,
+                prefill_tokens,
+                prefill_text,
+            })
+            .await?;
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
         Cmd::Status => {
             let v = serde_json::json!({
                 "model": client.model_info().await?,
