@@ -30,6 +30,12 @@ struct Trace {
     tokens: usize,
 }
 
+/// A conversation in progress: its trace and its task.
+type RunningClient = (
+    Arc<Mutex<Trace>>,
+    tokio::task::JoinHandle<Result<(), ClientError>>,
+);
+
 fn percentile(v: &mut [f64], p: f64) -> f64 {
     if v.is_empty() {
         return 0.0;
@@ -100,10 +106,7 @@ fn spawn_clients(
     tag: &str,
     turns: usize,
     stop: &Arc<AtomicBool>,
-) -> Vec<(
-    Arc<Mutex<Trace>>,
-    tokio::task::JoinHandle<Result<(), ClientError>>,
-)> {
+) -> Vec<RunningClient> {
     (0..n)
         .map(|i| {
             let trace = Arc::new(Mutex::new(Trace::default()));
@@ -120,12 +123,7 @@ fn spawn_clients(
         .collect()
 }
 
-async fn join_clients(
-    clients: Vec<(
-        Arc<Mutex<Trace>>,
-        tokio::task::JoinHandle<Result<(), ClientError>>,
-    )>,
-) -> Result<Vec<Trace>, ClientError> {
+async fn join_clients(clients: Vec<RunningClient>) -> Result<Vec<Trace>, ClientError> {
     let mut traces = Vec::new();
     for (trace, h) in clients {
         h.await
