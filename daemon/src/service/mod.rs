@@ -470,3 +470,6 @@ pub fn api_error(e: StoreError) -> ApiError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
