@@ -79,6 +79,7 @@ fn check(make: &dyn Fn() -> Box<dyn KvCache>) {
     let mut s = Scratch::default();
     let mut next: Vec<Vec<u32>> = prompts.clone();
     let mut pos = vec![0usize; prompts.len()];
+    #[allow(clippy::needless_range_loop)] // `step` indexes the inner lists of `alone`.
     for step in 0..3 {
         let out = {
             let mut batch: Vec<SeqBatch<'_>> = kvs
