@@ -1,5 +1,6 @@
 //! The llmsd service as a library: the KV store (contexts, chunk lifecycle, swap, restore)
 //! and the service every door calls (scheduler, identity, generation).
 
+pub mod http;
 pub mod kvstore;
 pub mod service;
