@@ -161,7 +161,7 @@ impl Generation {
         if tok.is_eog(id) {
             let tail = self.flush();
             self.text.push_str(&tail);
-            let ev = (!tail.is_empty()).then(|| TokenEvent {
+            let ev = (!tail.is_empty()).then_some(TokenEvent {
                 index: self.generated.len() as u32,
                 token_id: id,
                 text: tail,

@@ -626,7 +626,7 @@ impl Scheduler {
                 // as they were.
                 let e = api_error(e);
                 let mut idx: Vec<usize> = plan.iter().map(|p| p.0).collect();
-                idx.sort_unstable_by(|a, b| b.cmp(a));
+                idx.sort_unstable_by_key(|&i| std::cmp::Reverse(i));
                 for i in idx {
                     let r = self.running.swap_remove(i);
                     self.abort(r, e.clone());
@@ -690,7 +690,7 @@ impl Scheduler {
         let busy_us = t0.elapsed().as_micros() as u64;
         Metrics::add(&self.metrics.engine_busy_us_total, busy_us);
         // Finish from the back so indices stay valid.
-        done.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        done.sort_unstable_by_key(|d| std::cmp::Reverse(d.0));
         for (i, reason) in done {
             let r = self.running.swap_remove(i);
             self.finish(r, reason);
