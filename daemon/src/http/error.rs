@@ -179,3 +179,30 @@ impl Body {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_errors_map_to_openai_errors() {
+        let r = HttpError::from(ApiError::busy(1500, "queue full")).into_response();
+        assert_eq!(r.status(), 503);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "2");
+        let e = HttpError::from(ApiError::quota(10, "spent"));
+        assert_eq!((e.status.as_u16(), e.retry_after_s), (429, Some(1)));
+        assert_eq!(e.kind, "rate_limit_error");
+        let e = HttpError::from(ApiError::new(ErrorCode::ContextWindowExceeded, "long"));
+        assert_eq!(e.status, 400);
+        assert_eq!(e.code.as_deref(), Some("context_length_exceeded"));
+        let e = HttpError::from(ApiError::not_found("ctx-9"));
+        assert_eq!(
+            e.body(),
+            json!({"error": {"message": "no such context: ctx-9", "type": "not_found_error",
+                             "param": null, "code": "not_found"}})
+        );
+        let r = HttpError::from(ApiError::internal("boom")).into_response();
+        assert_eq!(r.status(), 500);
+        assert!(r.headers().get(header::RETRY_AFTER).is_none());
+    }
+}
