@@ -2,6 +2,7 @@
 //! and the service every door calls (scheduler, identity, generation).
 
 pub mod config;
+pub mod http;
 pub mod kvstore;
 pub mod service;
 pub mod socket;
