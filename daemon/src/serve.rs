@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use llmsd::config::{self, BusChoice, ConfigFile};
+use llmsd::http::HttpOptions;
 use llmsd::kvstore::{Policy, StoreConfig};
 use llmsd::service::{Service, ServiceConfig, ServiceParts};
 
@@ -146,7 +147,31 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     let result = rt.block_on(async {
         let listener = llmsd::socket::bind(&socket)?;
         let socket_task = tokio::spawn(llmsd::socket::serve(service.clone(), listener));
-        let _ = (&bus, &http);
+        let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+        let http_task = match http {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding the HTTP door to {addr}"))?;
+                let opts = HttpOptions {
+                    api_keys: file.http_keys.clone(),
+                    allow_anonymous: file.http_allow_anonymous.unwrap_or(true),
+                    max_body_bytes: file
+                        .http_max_body_bytes
+                        .unwrap_or(HttpOptions::default().max_body_bytes),
+                };
+                Some(tokio::spawn(llmsd::http::serve(
+                    service.clone(),
+                    listener,
+                    opts,
+                    async move {
+                        let _ = http_stopped.await;
+                    },
+                )))
+            }
+            None => None,
+        };
+        let _ = &bus;
         tracing::info!(
             model = %model_id,
             socket = %socket.display(),
@@ -161,6 +186,10 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         tracing::info!("shutting down");
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
         socket_task.abort();
+        let _ = stop_http.send(());
+        if let Some(t) = http_task {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
+        }
         anyhow::Ok(())
     });
     let _ = std::fs::remove_file(&socket);
