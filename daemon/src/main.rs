@@ -5,6 +5,7 @@ mod bench_switch;
 mod contexts;
 
 mod oneshot;
+mod serve;
 
 use std::path::PathBuf;
 
@@ -23,6 +24,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the daemon: one shared model for every app, over a Unix socket, D-Bus and HTTP.
+    Serve(serve::ServeArgs),
     /// Token ids of a text.
     Tokenize(oneshot::TokenizeArgs),
     /// Generate a continuation of a prompt.
@@ -52,15 +55,21 @@ pub struct ModelArg {
 }
 
 fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    // The daemon logs its life (ready, shutdown) by default; one-shot commands only problems.
+    let default_filter = match cli.command {
+        Command::Serve(_) => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("LLMSD_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let result = match cli.command {
+        Command::Serve(a) => serve::serve(a),
         Command::Tokenize(a) => oneshot::tokenize(a),
         Command::Generate(a) => oneshot::generate(a),
         Command::Logits(a) => oneshot::logits(a),

@@ -163,6 +163,8 @@ pub struct GenerationParams {
     pub response_format: ResponseFormat,
     /// Ask for background treatment (an app cannot raise its own priority).
     pub priority: Priority,
+    /// Never stop at end-of-generation tokens (benchmarks: a fixed number of tokens).
+    pub ignore_eos: bool,
 }
 
 impl Default for GenerationParams {
@@ -182,6 +184,7 @@ impl Default for GenerationParams {
             prompt_logprobs: false,
             response_format: ResponseFormat::Text,
             priority: Priority::Normal,
+            ignore_eos: false,
         }
     }
 }

@@ -70,6 +70,8 @@ pub enum FrameError {
     Empty,
     #[error("bad frame: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
 }
 
 /// Serializes `msg` into one frame, length prefix included.

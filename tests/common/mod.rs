@@ -75,3 +75,157 @@ pub fn ids(v: &serde_json::Value) -> Vec<u64> {
         .map(|x| x.as_u64().expect("id"))
         .collect()
 }
+
+/// A running `llmsd serve` with its own socket and state directory, stopped (SIGTERM, then
+/// SIGKILL) when dropped.
+pub struct Daemon {
+    child: Option<std::process::Child>,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub state: PathBuf,
+    /// `127.0.0.1:PORT` when the HTTP door is on.
+    pub http: Option<String>,
+    pub log: PathBuf,
+    extra: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+/// A TCP port free right now on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+impl Daemon {
+    /// Starts a daemon in a new temporary directory: `--http` on a free port when `http`,
+    /// D-Bus off unless `extra` says otherwise.
+    pub fn start(http: bool, extra: &[&str]) -> Daemon {
+        Self::start_env(http, extra, &[])
+    }
+
+    pub fn start_env(http: bool, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
+        let dir = tempfile::Builder::new()
+            .prefix("llmsd-e2e-")
+            .tempdir()
+            .expect("temp dir")
+            .keep();
+        let mut d = Daemon {
+            child: None,
+            socket: dir.join("llmsd.sock"),
+            state: dir.join("state"),
+            log: dir.join("daemon.log"),
+            http: http.then(|| format!("127.0.0.1:{}", free_port())),
+            dir,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        d.launch();
+        d
+    }
+
+    fn launch(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_llmsd"));
+        cmd.arg("serve")
+            .arg("--model")
+            .arg(model(SMOLLM2))
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .arg("--http")
+            .arg(self.http.as_deref().unwrap_or("off"))
+            .arg("--threads")
+            .arg("2");
+        if !self.extra.iter().any(|a| a == "--bus") {
+            cmd.args(["--bus", "off"]);
+        }
+        cmd.args(&self.extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .env("LLMSD_LOG", "info")
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log);
+        let before = std::fs::read_to_string(&self.log).map_or(0, |s| s.len());
+        self.child = Some(cmd.spawn().expect("llmsd serve starts"));
+        let t0 = std::time::Instant::now();
+        loop {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if text
+                .get(before..)
+                .is_some_and(|t| t.contains("llmsd ready"))
+            {
+                return;
+            }
+            if let Some(st) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("llmsd serve exited with {st} before ready:\n{text}");
+            }
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(120),
+                "llmsd serve not ready after 120 s:\n{text}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM and wait: the clean shutdown path.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill with a pid we own and a valid signal number.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let t0 = std::time::Instant::now();
+            while c.try_wait().ok().flatten().is_none() {
+                if t0.elapsed() > std::time::Duration::from_secs(30) {
+                    let _ = c.kill();
+                    panic!("llmsd did not stop within 30 s of SIGTERM");
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// SIGKILL: a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the same daemon again (same socket, state and flags).
+    pub fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}

@@ -125,6 +125,7 @@ pub struct Generation {
     top_logprobs: Option<usize>,
     pub logprobs: Vec<TokenLogprob>,
     json: Option<JsonPrefix>,
+    ignore_eos: bool,
 }
 
 impl Generation {
@@ -142,6 +143,7 @@ impl Generation {
             top_logprobs: p.logprobs.map(|n| n as usize),
             logprobs: Vec::new(),
             json: (p.response_format == ResponseFormat::JsonObject).then(JsonPrefix::default),
+            ignore_eos: p.ignore_eos,
         })
     }
 
@@ -152,6 +154,12 @@ impl Generation {
         }
         if let Some(state) = &self.json {
             mask_json(state, logits, tok);
+        } else if self.ignore_eos {
+            for id in tok.eog_ids() {
+                if let Some(l) = logits.get_mut(id as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
         }
         let id = self.sampler.sample(logits, &self.history);
         let logprob = self.top_logprobs.map(|n| {
@@ -161,7 +169,7 @@ impl Generation {
         if tok.is_eog(id) {
             let tail = self.flush();
             self.text.push_str(&tail);
-            let ev = (!tail.is_empty()).then(|| TokenEvent {
+            let ev = (!tail.is_empty()).then_some(TokenEvent {
                 index: self.generated.len() as u32,
                 token_id: id,
                 text: tail,

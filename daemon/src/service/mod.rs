@@ -40,9 +40,12 @@ pub struct ServiceConfig {
     pub max_running: usize,
     /// Requests waiting beyond the running ones before callers get `Busy`.
     pub max_queued: usize,
-    /// Prompt tokens prefilled per step while others decode: bounds how long a long prompt
-    /// can delay everyone else's next token.
+    /// Most prompt tokens prefilled per step while others decode.
     pub step_prefill_tokens: usize,
+    /// While others decode, a step's prompt slice may cost at most this many times a
+    /// decode-only step (measured as it runs): with 1.0, a long prompt at most doubles the
+    /// others' inter-token latency.
+    pub prefill_latency_factor: f64,
     /// Prompt tokens per step when nothing else is decoding.
     pub alone_prefill_tokens: usize,
     /// DRR quantum, in tokens.
@@ -58,7 +61,8 @@ impl Default for ServiceConfig {
         Self {
             max_running: 16,
             max_queued: 64,
-            step_prefill_tokens: 32,
+            step_prefill_tokens: 64,
+            prefill_latency_factor: 1.0,
             alone_prefill_tokens: 256,
             quantum_tokens: 64,
             app_priority: HashMap::new(),
@@ -466,3 +470,6 @@ pub fn api_error(e: StoreError) -> ApiError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

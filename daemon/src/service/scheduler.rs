@@ -123,7 +123,51 @@ pub(crate) struct Scheduler {
     running: Vec<Running>,
     admit_drr: Drr,
     prefill_drr: Drr,
+    cost: StepCost,
     shutdown: bool,
+}
+
+/// Running estimates of what a step costs, to size prompt slices while others decode.
+#[derive(Debug, Default)]
+struct StepCost {
+    /// Seconds of a decode-only step.
+    decode_step: Option<f64>,
+    /// Extra seconds per prompt token in a mixed step.
+    per_prompt_token: Option<f64>,
+}
+
+impl StepCost {
+    const ALPHA: f64 = 0.2;
+
+    fn ema(v: &mut Option<f64>, x: f64) {
+        *v = Some(match *v {
+            Some(old) => old + Self::ALPHA * (x - old),
+            None => x,
+        });
+    }
+
+    fn observe(&mut self, secs: f64, decoders: usize, prompt_tokens: usize) {
+        if decoders == 0 {
+            return;
+        }
+        if prompt_tokens == 0 {
+            Self::ema(&mut self.decode_step, secs);
+        } else if let Some(d) = self.decode_step {
+            Self::ema(
+                &mut self.per_prompt_token,
+                ((secs - d) / prompt_tokens as f64).max(0.0),
+            );
+        }
+    }
+
+    /// Prompt tokens a step may carry so it costs at most `(1 + factor)` decode steps.
+    fn budget(&self, factor: f64, max: usize) -> usize {
+        match (self.decode_step, self.per_prompt_token) {
+            (Some(d), Some(c)) if c > 0.0 => ((factor * d / c) as usize).clamp(1, max),
+            // Until measured: a small slice.
+            _ => 8.min(max),
+        }
+    }
 }
 
 impl Scheduler {
@@ -149,6 +193,7 @@ impl Scheduler {
             running: Vec::new(),
             admit_drr: Drr::new(1),
             prefill_drr: Drr::new(quantum),
+            cost: StepCost::default(),
             shutdown: false,
         };
         s.update_gauges();
@@ -532,11 +577,16 @@ impl Scheduler {
                 plan.push((i, vec![next], Logits::Last));
             }
         }
-        let mut budget = if plan.is_empty() {
+        let decoders = plan.len();
+        let mut budget = if decoders == 0 {
             self.cfg.alone_prefill_tokens
         } else {
-            self.cfg.step_prefill_tokens
+            self.cost.budget(
+                self.cfg.prefill_latency_factor,
+                self.cfg.step_prefill_tokens,
+            )
         };
+        let full_budget = budget;
         // Prompt slices: best priority first, DRR by tokens between apps.
         let mut taken: HashSet<usize> = HashSet::new();
         while budget > 0 {
@@ -619,6 +669,11 @@ impl Scheduler {
             self.running[*i].session = Some(s);
         }
         Metrics::add(&self.metrics.engine_steps_total, 1);
+        self.cost.observe(
+            t0.elapsed().as_secs_f64(),
+            decoders,
+            full_budget.saturating_sub(budget) * usize::from(decoders > 0),
+        );
         let logits = match result {
             Ok(l) => l,
             Err(e) => {
@@ -626,7 +681,7 @@ impl Scheduler {
                 // as they were.
                 let e = api_error(e);
                 let mut idx: Vec<usize> = plan.iter().map(|p| p.0).collect();
-                idx.sort_unstable_by(|a, b| b.cmp(a));
+                idx.sort_unstable_by_key(|&i| std::cmp::Reverse(i));
                 for i in idx {
                     let r = self.running.swap_remove(i);
                     self.abort(r, e.clone());
@@ -690,7 +745,7 @@ impl Scheduler {
         let busy_us = t0.elapsed().as_micros() as u64;
         Metrics::add(&self.metrics.engine_busy_us_total, busy_us);
         // Finish from the back so indices stay valid.
-        done.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        done.sort_unstable_by_key(|d| std::cmp::Reverse(d.0));
         for (i, reason) in done {
             let r = self.running.swap_remove(i);
             self.finish(r, reason);

@@ -637,6 +637,11 @@ impl Tokenizer {
         self.eog.contains(&id)
     }
 
+    /// Every end-of-generation token id.
+    pub fn eog_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.eog.iter().copied()
+    }
+
     /// Exact vocabulary lookup, e.g. `token_id("<|im_end|>")`.
     pub fn token_id(&self, text: &str) -> Option<u32> {
         self.token_to_id.get(text).copied()

@@ -1,0 +1,216 @@
+//! `llmsd serve`: the daemon. Loads the model, opens the KV store, starts the engine thread
+//! and the doors (Unix socket, D-Bus, HTTP), logs one line when ready, and shuts down cleanly
+//! on SIGTERM/SIGINT (running calls end without changing their contexts; swap-outs flushed).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use llmsd::config::{self, BusChoice, ConfigFile};
+use llmsd::http::HttpOptions;
+use llmsd::kvstore::{Policy, StoreConfig};
+use llmsd::service::{Service, ServiceConfig, ServiceParts};
+
+use crate::oneshot;
+
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// GGUF model [default: $LLMSD_MODEL, else models/SmolLM2-135M-Instruct.Q4_1.gguf]
+    #[arg(long, env = "LLMSD_MODEL")]
+    model: Option<PathBuf>,
+    /// TOML configuration file (flags and LLMSD_* variables override it).
+    #[arg(long, env = "LLMSD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Unix socket [default: $XDG_RUNTIME_DIR/llmsd/llmsd.sock; /run/llmsd/llmsd.sock with --system]
+    #[arg(long, env = "LLMSD_SOCKET")]
+    socket: Option<PathBuf>,
+    /// OpenAI-compatible HTTP address, or `off` [default: 127.0.0.1:8460]
+    #[arg(long, env = "LLMSD_HTTP")]
+    http: Option<String>,
+    /// Where contexts live [default: $XDG_STATE_HOME/llmsd; /var/lib/llmsd with --system]
+    #[arg(long, env = "LLMSD_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// D-Bus door: session, system or off [default: session; system with --system]
+    #[arg(long, env = "LLMSD_BUS")]
+    bus: Option<String>,
+    /// Engine threads [default: number of cores]
+    #[arg(long, env = "LLMSD_THREADS")]
+    threads: Option<usize>,
+    /// KV cache memory budget in MiB [default: 256]
+    #[arg(long, env = "LLMSD_KV_BUDGET_MIB")]
+    kv_budget_mib: Option<u64>,
+    /// KV policy: recompute, swap-whole, paged, paged-int8, llms [default: llms]
+    #[arg(long, env = "LLMSD_KV_POLICY")]
+    kv_policy: Option<Policy>,
+    /// System-wide service: system paths and bus defaults.
+    #[arg(long)]
+    system: bool,
+}
+
+const DEFAULT_KV_BUDGET_MIB: u64 = 256;
+
+pub fn serve(a: ServeArgs) -> Result<()> {
+    let file = match &a.config {
+        Some(p) => ConfigFile::load(p)?,
+        None => ConfigFile::default(),
+    };
+    let model_arg = crate::ModelArg {
+        model: a.model.clone().or(file.model.clone()),
+        threads: a.threads.or(file.threads),
+    };
+    let socket = a
+        .socket
+        .clone()
+        .or(file.socket.clone())
+        .unwrap_or_else(|| config::default_socket(a.system));
+    let http_spec = a
+        .http
+        .clone()
+        .or(file.http.clone())
+        .unwrap_or_else(|| llmsd_ipc::DEFAULT_HTTP_ADDR.to_string());
+    let http = config::http_addr(&http_spec, file.http_allow_remote)?;
+    let bus: BusChoice = match a.bus.as_deref().or(file.bus.as_deref()) {
+        Some(b) => b.parse()?,
+        None if a.system => BusChoice::System,
+        None => BusChoice::Session,
+    };
+    let state_dir = a
+        .state_dir
+        .clone()
+        .or(file.state_dir.clone())
+        .unwrap_or_else(|| config::default_state_dir(a.system));
+
+    let mut store = StoreConfig::new(&state_dir);
+    store.kv_budget_bytes = a
+        .kv_budget_mib
+        .or(file.kv.budget_mib)
+        .unwrap_or(DEFAULT_KV_BUDGET_MIB)
+        << 20;
+    store.policy = match (a.kv_policy, &file.kv.policy) {
+        (Some(p), _) => p,
+        (None, Some(p)) => p.parse().map_err(anyhow::Error::msg)?,
+        (None, None) => Policy::Llms,
+    };
+    if let Some(b) = file.kv.bits_avg {
+        store.avg_bits = b;
+    }
+    if let Some(m) = file.kv.max_context_tokens {
+        store.max_context_tokens = m;
+    }
+    let mut svc = ServiceConfig::default();
+    let s = &file.scheduler;
+    svc.max_running = s.max_running.unwrap_or(svc.max_running).max(1);
+    svc.max_queued = s.max_queued.unwrap_or(svc.max_queued);
+    svc.step_prefill_tokens = s
+        .step_prefill_tokens
+        .unwrap_or(svc.step_prefill_tokens)
+        .max(1);
+    svc.alone_prefill_tokens = s
+        .alone_prefill_tokens
+        .unwrap_or(svc.alone_prefill_tokens)
+        .max(1);
+    if let Some(f) = s.prefill_latency_factor {
+        anyhow::ensure!(
+            f.is_finite() && f > 0.0,
+            "scheduler.prefill_latency_factor must be positive, got {f}"
+        );
+        svc.prefill_latency_factor = f;
+    }
+    svc.app_priority = file
+        .apps
+        .iter()
+        .filter_map(|(name, app)| app.priority.map(|p| (name.clone(), p)))
+        .collect();
+
+    let t0 = std::time::Instant::now();
+    let path = oneshot::resolve_model(&model_arg.model)?;
+    let loaded = oneshot::load(&model_arg)?;
+    let model_id = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    let (service, engine) = Service::start(ServiceParts {
+        model: loaded.model,
+        tokenizer: loaded.tokenizer,
+        pool: loaded.pool,
+        model_id: model_id.clone(),
+        store,
+        service: svc,
+    })
+    .with_context(|| format!("opening the KV store in {}", state_dir.display()))?;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("llmsd-io")
+        .enable_all()
+        .build()
+        .context("starting the I/O runtime")?;
+    let result = rt.block_on(async {
+        let listener = llmsd::socket::bind(&socket)?;
+        let socket_task = tokio::spawn(llmsd::socket::serve(service.clone(), listener));
+        let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+        let http_task = match http {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding the HTTP door to {addr}"))?;
+                let opts = HttpOptions {
+                    api_keys: file.http_keys.clone(),
+                    allow_anonymous: file.http_allow_anonymous.unwrap_or(true),
+                    max_body_bytes: file
+                        .http_max_body_bytes
+                        .unwrap_or(HttpOptions::default().max_body_bytes),
+                };
+                Some(tokio::spawn(llmsd::http::serve(
+                    service.clone(),
+                    listener,
+                    opts,
+                    async move {
+                        let _ = http_stopped.await;
+                    },
+                )))
+            }
+            None => None,
+        };
+        let _ = &bus;
+        tracing::info!(
+            model = %model_id,
+            socket = %socket.display(),
+            http = %http.map_or("off".to_string(), |a| a.to_string()),
+            bus = ?bus,
+            state_dir = %state_dir.display(),
+            startup_ms = t0.elapsed().as_millis() as u64,
+            "llmsd ready"
+        );
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+        socket_task.abort();
+        let _ = stop_http.send(());
+        if let Some(t) = http_task {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
+        }
+        anyhow::Ok(())
+    });
+    let _ = std::fs::remove_file(&socket);
+    service.shutdown();
+    drop(service);
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    let _ = engine.join();
+    result
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

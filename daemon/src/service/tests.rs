@@ -1,0 +1,218 @@
+//! The scheduler with the real model, in-process: queue bounds, priorities, fairness between
+//! apps, cancellation. (That batching does not change a sequence's logits is tested in
+//! engine/tests/batch_forward.rs.)
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use llmsd_engine::model::Model;
+use llmsd_engine::pool::ThreadPool;
+use llmsd_engine::tokenizer::Tokenizer;
+use llmsd_ipc::{ErrorCode, GenerationParams, Priority, PromptInput, PromptRequest};
+
+use super::*;
+use crate::kvstore::StoreConfig;
+
+fn start(dir: &Path, cfg: ServiceConfig) -> Service {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        path.is_file(),
+        "{} is missing: run scripts/fetch-models",
+        path.display()
+    );
+    let model = Model::load(&path).expect("model loads");
+    let tokenizer = Tokenizer::from_gguf(model.file()).expect("tokenizer");
+    let mut store = StoreConfig::new(dir);
+    store.fit_costs = false;
+    let (svc, _engine) = Service::start(ServiceParts {
+        model: Arc::new(model),
+        tokenizer,
+        pool: Arc::new(ThreadPool::new(2).expect("pool")),
+        model_id: "test".into(),
+        store,
+        service: cfg,
+    })
+    .expect("service starts");
+    svc
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn text(t: &str, max_tokens: u32) -> PromptRequest {
+    PromptRequest {
+        context: None,
+        input: PromptInput::Text(t.into()),
+        params: GenerationParams {
+            max_tokens,
+            ignore_eos: true,
+            ..GenerationParams::default()
+        },
+        stream: true,
+    }
+}
+
+fn caller(app: &str) -> Caller {
+    Caller::user(1000, 1000, None, app).expect("caller")
+}
+
+#[test]
+fn a_full_queue_answers_busy_with_a_retry_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = start(
+        dir.path(),
+        ServiceConfig {
+            max_running: 1,
+            max_queued: 2,
+            ..ServiceConfig::default()
+        },
+    );
+    rt().block_on(async {
+        let c = caller("flood");
+        let mut held = Vec::new();
+        let mut busy = None;
+        for _ in 0..8 {
+            match svc.prompt(&c, text("Hello", 64)) {
+                Ok(s) => held.push(s),
+                Err(e) => {
+                    busy = Some(e);
+                    break;
+                }
+            }
+            // Let the engine take the first one out of the queue.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let e = busy.expect("the queue filled up");
+        assert_eq!(e.code, ErrorCode::Busy);
+        assert!(e.retry_after_ms.is_some_and(|ms| ms > 0));
+        // Everything accepted still completes.
+        for s in held {
+            s.completion().await.unwrap();
+        }
+        assert!(svc.prompt(&c, text("Hello", 2)).is_ok());
+    });
+}
+
+/// Waits for the completions and returns the order in which they finished.
+async fn finish_order(streams: Vec<(String, PromptStream)>) -> Vec<String> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for (name, s) in streams {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            s.completion().await.unwrap();
+            let _ = tx.send(name);
+        });
+    }
+    drop(tx);
+    let mut order = Vec::new();
+    while let Some(n) = rx.recv().await {
+        order.push(n);
+    }
+    order
+}
+
+#[test]
+fn foreground_apps_go_first_and_background_last() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = ServiceConfig {
+        max_running: 1,
+        ..ServiceConfig::default()
+    };
+    cfg.app_priority
+        .insert("player".into(), Priority::Foreground);
+    let svc = start(dir.path(), cfg);
+    rt().block_on(async {
+        // The first request occupies the only slot while the others queue up behind it.
+        let first = svc.prompt(&caller("first"), text("One", 24)).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut bg = text("Two", 4);
+        bg.params.priority = Priority::Background;
+        let streams = vec![
+            ("first".to_string(), first),
+            (
+                "background".to_string(),
+                svc.prompt(&caller("indexer"), bg).unwrap(),
+            ),
+            (
+                "normal".to_string(),
+                svc.prompt(&caller("notes"), text("Three", 4)).unwrap(),
+            ),
+            (
+                "foreground".to_string(),
+                svc.prompt(&caller("player"), text("Four", 4)).unwrap(),
+            ),
+        ];
+        // An app cannot raise itself: asking for foreground in the request changes nothing.
+        let order = finish_order(streams).await;
+        assert_eq!(order, ["first", "foreground", "normal", "background"]);
+    });
+}
+
+#[test]
+fn apps_take_turns_whatever_their_queue_lengths() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = start(
+        dir.path(),
+        ServiceConfig {
+            max_running: 1,
+            ..ServiceConfig::default()
+        },
+    );
+    rt().block_on(async {
+        let mut streams = Vec::new();
+        for i in 0..4 {
+            let s = svc.prompt(&caller("greedy"), text("Go", 6)).unwrap();
+            streams.push((format!("greedy{i}"), s));
+        }
+        let s = svc.prompt(&caller("modest"), text("Go", 6)).unwrap();
+        streams.push(("modest".to_string(), s));
+        let order = finish_order(streams).await;
+        let pos = order.iter().position(|n| n == "modest").unwrap();
+        assert!(
+            pos <= 2,
+            "the modest app waited behind the greedy one: {order:?}"
+        );
+    });
+}
+
+#[test]
+fn cancel_takes_effect_within_a_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = start(dir.path(), ServiceConfig::default());
+    rt().block_on(async {
+        let c = caller("cancel");
+        let mut s = svc.prompt(&c, text("Once upon a time", 2000)).unwrap();
+        let mut seen = 0;
+        while seen < 4 {
+            if let Some(StreamItem::Token(_)) = s.next().await {
+                seen += 1;
+            }
+        }
+        svc.cancel(&c, s.request).unwrap();
+        // Another app cannot cancel it (it is not theirs).
+        assert_eq!(
+            svc.cancel(&caller("other"), s.request).unwrap_err().code,
+            ErrorCode::NotFound
+        );
+        let mut after = 0;
+        let end = loop {
+            match s.next().await {
+                Some(StreamItem::Token(_)) => after += 1,
+                Some(other) => break other,
+                None => panic!("stream ended without a result"),
+            }
+        };
+        assert!(
+            matches!(end, StreamItem::Failed(ref e) if e.code == ErrorCode::Cancelled),
+            "{end:?}"
+        );
+        // Tokens already sampled when the cancel arrived may still be delivered, no more.
+        assert!(after <= 2, "{after} tokens after cancel");
+    });
+}

@@ -1,0 +1,326 @@
+//! The Unix-socket door: length-prefixed JSON frames (ipc-schema), identity from
+//! SO_PEERCRED, many requests in flight per connection, streamed tokens.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use llmsd_ipc::frame::{self, FrameError};
+use llmsd_ipc::{
+    ApiError, ClientFrame, ErrorCode, Event, Request, Response, ServerFrame, PROTOCOL_VERSION,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, Mutex};
+
+use crate::service::{Caller, Service, StreamItem};
+
+/// How long a new connection has to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Requests one connection may have running at once.
+const MAX_IN_FLIGHT: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    #[error("another llmsd is already serving {0}")]
+    InUse(PathBuf),
+    #[error("socket {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+/// Binds the socket (mode 0666: every local user may connect; identity comes from the
+/// kernel), replacing a stale file left by a crashed daemon but never a live one.
+pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
+    let io_err = |source| SocketError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).map_err(io_err)?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+                .map_err(io_err)?;
+        }
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(SocketError::InUse(path.to_path_buf()));
+        }
+        std::fs::remove_file(path).map_err(io_err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(io_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(io_err)?;
+    Ok(listener)
+}
+
+/// Accepts connections until the listener fails or the task is dropped.
+pub async fn serve(service: Service, listener: UnixListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let service = service.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = connection(service, stream).await {
+                        tracing::debug!(error = %e, "socket connection ended");
+                    }
+                });
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn read_frame(r: &mut (impl AsyncReadExt + Unpin)) -> Result<Option<Vec<u8>>, FrameError> {
+    let mut header = [0u8; 4];
+    match r.read_exact(&mut header).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let len = frame::body_len(header)?;
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).await?;
+    Ok(Some(body))
+}
+
+type Outbox = mpsc::UnboundedSender<ServerFrame>;
+
+async fn connection(service: Service, stream: UnixStream) -> io::Result<()> {
+    let cred = stream.peer_cred()?;
+    let (mut rd, mut wr) = stream.into_split();
+    let (out, mut outbox) = mpsc::unbounded_channel::<ServerFrame>();
+    // One writer per connection, so frames of concurrent requests never interleave.
+    let writer = tokio::spawn(async move {
+        while let Some(f) = outbox.recv().await {
+            let bytes = match frame::encode(&f) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(error = %e, "unencodable frame");
+                    continue;
+                }
+            };
+            if wr.write_all(&bytes).await.is_err() {
+                break;
+            }
+        }
+        let _ = wr.shutdown().await;
+    });
+    let fatal = |out: &Outbox, code: ErrorCode, msg: String| {
+        let _ = out.send(ServerFrame::Error {
+            id: None,
+            error: ApiError::new(code, msg),
+        });
+    };
+    // Handshake.
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut rd)).await {
+        Err(_) => {
+            fatal(
+                &out,
+                ErrorCode::InvalidRequest,
+                "no hello within 10 s".into(),
+            );
+            None
+        }
+        Ok(Ok(Some(body))) => match frame::decode::<ClientFrame>(&body) {
+            Ok(ClientFrame::Hello { protocol, app }) => Some((protocol, app)),
+            Ok(_) => {
+                fatal(
+                    &out,
+                    ErrorCode::InvalidRequest,
+                    "the first frame must be hello".into(),
+                );
+                None
+            }
+            Err(e) => {
+                fatal(&out, ErrorCode::InvalidRequest, e.to_string());
+                None
+            }
+        },
+        Ok(Ok(None)) => None,
+        Ok(Err(e)) => {
+            fatal(&out, ErrorCode::InvalidRequest, e.to_string());
+            None
+        }
+    };
+    let caller = match hello {
+        Some((protocol, _)) if protocol != PROTOCOL_VERSION => {
+            fatal(
+                &out,
+                ErrorCode::InvalidRequest,
+                format!(
+                    "protocol {protocol} is not supported; this daemon speaks {PROTOCOL_VERSION}"
+                ),
+            );
+            None
+        }
+        Some((_, app)) => {
+            match Caller::user(cred.uid(), cred.gid(), cred.pid().map(|p| p as u32), &app) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    let _ = out.send(ServerFrame::Error { id: None, error: e });
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+    let Some(caller) = caller else {
+        drop(out);
+        let _ = writer.await;
+        return Ok(());
+    };
+    let _ = out.send(ServerFrame::Welcome {
+        protocol: PROTOCOL_VERSION,
+        server: env!("CARGO_PKG_VERSION").into(),
+        model: service.model_info().id,
+        uid: cred.uid(),
+        app: caller.app.clone(),
+    });
+    tracing::debug!(caller = %caller, pid = ?cred.pid(), "socket client connected");
+    // Client request id → service request id of its running prompts.
+    let prompts: Arc<Mutex<HashMap<u64, u64>>> = Arc::default();
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        let body = match read_frame(&mut rd).await {
+            Ok(Some(b)) => b,
+            Ok(None) => break,
+            Err(e) => {
+                // The stream is out of step (or too large a frame): say why and close.
+                fatal(&out, ErrorCode::InvalidRequest, e.to_string());
+                break;
+            }
+        };
+        let (id, request) = match frame::decode::<ClientFrame>(&body) {
+            Ok(ClientFrame::Request { id, request }) => (id, request),
+            Ok(ClientFrame::Hello { .. }) => {
+                fatal(&out, ErrorCode::InvalidRequest, "hello sent twice".into());
+                continue;
+            }
+            Err(e) => {
+                // The frame boundary is intact: answer and go on. Recover the id if we can.
+                let id = serde_json::from_slice::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v.get("id").and_then(|i| i.as_u64()));
+                let _ = out.send(ServerFrame::Error {
+                    id,
+                    error: ApiError::invalid(e.to_string()),
+                });
+                continue;
+            }
+        };
+        while tasks.try_join_next().is_some() {}
+        if tasks.len() >= MAX_IN_FLIGHT {
+            let _ = out.send(ServerFrame::Error {
+                id: Some(id),
+                error: ApiError::busy(
+                    100,
+                    format!("{MAX_IN_FLIGHT} requests already in flight on this connection"),
+                ),
+            });
+            continue;
+        }
+        let (service, caller, out, prompts) = (
+            service.clone(),
+            caller.clone(),
+            out.clone(),
+            prompts.clone(),
+        );
+        tasks.spawn(async move {
+            let reply = handle(&service, &caller, id, request, &out, &prompts).await;
+            let f = match reply {
+                Ok(Some(response)) => ServerFrame::Response { id, response },
+                Ok(None) => return,
+                Err(error) => ServerFrame::Error {
+                    id: Some(id),
+                    error,
+                },
+            };
+            let _ = out.send(f);
+        });
+    }
+    // The client is gone: dropping the tasks drops their prompt streams, which cancels them.
+    tasks.abort_all();
+    drop(out);
+    let _ = writer.await;
+    Ok(())
+}
+
+async fn handle(
+    service: &Service,
+    caller: &Caller,
+    id: u64,
+    request: Request,
+    out: &Outbox,
+    prompts: &Mutex<HashMap<u64, u64>>,
+) -> Result<Option<Response>, ApiError> {
+    Ok(Some(match request {
+        Request::CreateContext(c) => Response::Context(service.create_context(caller, c).await?),
+        Request::ListContexts => Response::Contexts(service.list_contexts(caller).await?),
+        Request::GetContext { context } => {
+            Response::Context(service.get_context(caller, &context).await?)
+        }
+        Request::DeleteContext { context } => {
+            service.delete_context(caller, &context).await?;
+            Response::Ok
+        }
+        Request::ForkContext { context } => {
+            Response::Context(service.fork_context(caller, &context).await?)
+        }
+        Request::Tokenize(t) => Response::Tokens(service.tokenize(&t)?),
+        Request::ModelInfo => Response::Model(service.model_info()),
+        Request::Health => Response::Health(service.health()),
+        Request::Cancel { request } => {
+            let target = prompts.lock().await.get(&request).copied();
+            match target {
+                Some(r) => service.cancel(caller, r)?,
+                None => {
+                    return Err(ApiError::new(
+                        ErrorCode::NotFound,
+                        format!("no running request {request} on this connection"),
+                    ))
+                }
+            }
+            Response::Ok
+        }
+        Request::Prompt(p) => {
+            let mut stream = service.prompt(caller, p)?;
+            prompts.lock().await.insert(id, stream.request);
+            let mut result = None;
+            while let Some(item) = stream.next().await {
+                match item {
+                    StreamItem::Token(t) => {
+                        if out
+                            .send(ServerFrame::Event {
+                                id,
+                                event: Event::Token(t),
+                            })
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                    StreamItem::Done(c) => {
+                        result = Some(Ok(Response::Completion(*c)));
+                        break;
+                    }
+                    StreamItem::Failed(e) => {
+                        result = Some(Err(e));
+                        break;
+                    }
+                }
+            }
+            prompts.lock().await.remove(&id);
+            match result {
+                Some(r) => r?,
+                None => return Ok(None),
+            }
+        }
+    }))
+}
