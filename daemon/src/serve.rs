@@ -68,6 +68,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         .or(file.http.clone())
         .unwrap_or_else(|| llmsd_ipc::DEFAULT_HTTP_ADDR.to_string());
     let http = config::http_addr(&http_spec, file.http_allow_remote)?;
+    let bus_explicit = a.bus.is_some() || file.bus.is_some();
     let bus: BusChoice = match a.bus.as_deref().or(file.bus.as_deref()) {
         Some(b) => b.parse()?,
         None if a.system => BusChoice::System,
@@ -171,7 +172,27 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             }
             None => None,
         };
-        let _ = &bus;
+        // The D-Bus door: fatal when asked for by flag or config, a warning when it is only
+        // the default and no bus is there.
+        let dbus_bus = match bus {
+            BusChoice::Off => None,
+            BusChoice::Session => Some(llmsd::dbus::Bus::Session),
+            BusChoice::System => Some(llmsd::dbus::Bus::System),
+        };
+        let dbus = match dbus_bus {
+            None => None,
+            Some(b) => match llmsd::dbus::serve(service.clone(), b.clone()).await {
+                Ok(conn) => Some(conn),
+                Err(e) if !bus_explicit => {
+                    tracing::warn!(error = %e, "no D-Bus door (pass --bus off to silence)");
+                    None
+                }
+                Err(e) => {
+                    return Err(anyhow::Error::new(e)
+                        .context(format!("starting the D-Bus door on the {b}")));
+                }
+            },
+        };
         tracing::info!(
             model = %model_id,
             socket = %socket.display(),
@@ -186,6 +207,9 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         tracing::info!("shutting down");
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
         socket_task.abort();
+        if let Some(conn) = dbus {
+            let _ = conn.close().await;
+        }
         let _ = stop_http.send(());
         if let Some(t) = http_task {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
