@@ -379,27 +379,33 @@ impl Llm1 {
 /// Sends one request's tokens and its end as signals to the caller.
 async fn drain(emitter: SignalEmitter<'static>, mut stream: PromptStream, reg: Registration) {
     let request = stream.request;
-    let mut ended = false;
-    while let Some(item) = stream.next().await {
+    let mut reg = Some(reg);
+    loop {
+        let item = stream.next().await;
+        if !matches!(item, Some(StreamItem::Token(_))) {
+            // The request is over: it leaves the table before the caller hears so, so a
+            // Cancel sent on hearing it finds nothing.
+            drop(reg.take());
+        }
         let sent = match item {
-            StreamItem::Token(t) => {
+            Some(StreamItem::Token(t)) => {
                 Llm1::token(&emitter, request, t.index, t.token_id, &t.text).await
             }
-            StreamItem::Done(c) => {
-                ended = true;
-                match serde_json::to_string(&*c) {
-                    Ok(json) => Llm1::completed(&emitter, request, &json).await,
-                    Err(e) => {
-                        let msg = format!("JSON: {e}");
-                        let name = ErrorCode::Internal.dbus_name();
-                        Llm1::failed(&emitter, request, &name, &msg).await
-                    }
+            Some(StreamItem::Done(c)) => match serde_json::to_string(&*c) {
+                Ok(json) => Llm1::completed(&emitter, request, &json).await,
+                Err(e) => {
+                    let name = ErrorCode::Internal.dbus_name();
+                    Llm1::failed(&emitter, request, &name, &format!("JSON: {e}")).await
                 }
-            }
-            StreamItem::Failed(e) => {
-                ended = true;
+            },
+            Some(StreamItem::Failed(e)) => {
                 let name = e.code.dbus_name();
                 Llm1::failed(&emitter, request, &name, &e.message).await
+            }
+            None => {
+                let name = ErrorCode::Internal.dbus_name();
+                let msg = "the engine dropped the request";
+                Llm1::failed(&emitter, request, &name, msg).await
             }
         };
         if let Err(e) = sent {
@@ -407,15 +413,10 @@ async fn drain(emitter: SignalEmitter<'static>, mut stream: PromptStream, reg: R
             tracing::warn!(request, error = %e, "D-Bus door: cannot send a signal");
             return;
         }
-        if ended {
-            break;
+        if reg.is_none() {
+            return;
         }
     }
-    if !ended {
-        let name = ErrorCode::Internal.dbus_name();
-        let _ = Llm1::failed(&emitter, request, &name, "the engine dropped the request").await;
-    }
-    drop(reg);
 }
 
 #[zbus::interface(name = "org.llmsd.Llm1", introspection_docs = false)]

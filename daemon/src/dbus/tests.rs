@@ -404,7 +404,7 @@ async fn contexts_are_scoped_and_errors_are_typed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_streams_tokens_to_the_caller_then_completes() {
     let f = Fixture::start().await;
-    let (_conn, p) = f.client().await;
+    let (conn, p) = f.client().await;
     let (_conn2, bystander) = f.client().await;
     let params = r#"{"max_tokens":12}"#;
     let message = "What is the capital of France?";
@@ -437,35 +437,54 @@ async fn chat_streams_tokens_to_the_caller_then_completes() {
     assert_eq!(sync.usage.completion_tokens, direct.usage.completion_tokens);
     assert_eq!(sync.context, None);
 
-    let mut tokens = p.receive_token().await.expect("Token stream");
-    let mut completed = p.receive_completed().await.expect("Completed stream");
+    // Every message the client connection receives, in arrival order.
+    let mut incoming = zbus::MessageStream::from(&conn);
     let mut seen_by_other = bystander.receive_token().await.expect("Token stream");
     let request = p.chat("chat", "", message, params).await.expect("Chat");
     let mut text = String::new();
     let mut index = 0;
+    let mut replied = false;
     let done = loop {
-        tokio::select! {
-            t = tokens.next() => {
-                let t = t.expect("token signal");
-                let a = t.args().expect("Token args");
-                assert_eq!(a.request, request);
-                assert_eq!(a.index, index);
+        let msg = tokio::time::timeout(Duration::from_secs(60), incoming.next())
+            .await
+            .expect("messages in time")
+            .expect("stream open")
+            .expect("message");
+        let h = msg.header();
+        if h.message_type() == zbus::message::Type::MethodReturn {
+            replied = true;
+            continue;
+        }
+        if h.message_type() != zbus::message::Type::Signal
+            || h.interface().map(|i| i.as_str()) != Some("org.llmsd.Llm1")
+        {
+            continue;
+        }
+        assert!(
+            replied,
+            "a signal came before the reply with the request id"
+        );
+        assert_eq!(
+            h.destination().map(|d| d.to_string()),
+            conn.unique_name().map(|n| n.to_string())
+        );
+        match h.member().map(|m| m.as_str()) {
+            Some("Token") => {
+                let (r, i, _id, t): (u64, u32, u32, String) =
+                    msg.body().deserialize().expect("Token args");
+                assert_eq!(r, request);
+                assert_eq!(i, index);
                 index += 1;
-                text.push_str(a.text);
+                text.push_str(&t);
             }
-            c = completed.next() => {
-                let c = c.expect("completed signal");
-                let a = c.args().expect("Completed args");
-                assert_eq!(a.request, request);
-                let done: Completion = serde_json::from_str(a.completion_json).expect("JSON");
-                break done;
+            Some("Completed") => {
+                let (r, json): (u64, String) = msg.body().deserialize().expect("Completed args");
+                assert_eq!(r, request);
+                break serde_json::from_str::<Completion>(&json).expect("JSON");
             }
+            other => panic!("unexpected signal {other:?}"),
         }
     };
-    // Every Token was sent before Completed; none can still be queued.
-    if let Ok(Some(t)) = tokio::time::timeout(Duration::from_millis(200), tokens.next()).await {
-        panic!("Token after Completed: {:?}", t.args().map(|a| a.index));
-    }
     assert_eq!(done.text, direct.text);
     assert_eq!(text, done.text);
     assert_eq!(index as u64, done.usage.completion_tokens);
