@@ -82,18 +82,20 @@ pub async fn serve(service: Service, bus: Bus) -> Result<Connection, DbusError> 
         .receive_name_owner_changed_with_args(&[(2, "")])
         .await?;
     tokio::spawn(watch_departures(conn.clone(), gone, service, state));
-    let reply = conn
+    let taken = match conn
         .request_name_with_flags(DBUS_NAME, RequestNameFlags::DoNotQueue.into())
         .await
-        .map_err(|e| match e {
-            zbus::Error::NameTaken => DbusError::NameTaken(bus.to_string()),
-            e => DbusError::Bus(e),
-        })?;
-    match reply {
-        RequestNameReply::PrimaryOwner | RequestNameReply::AlreadyOwner => {}
-        RequestNameReply::InQueue | RequestNameReply::Exists => {
-            return Err(DbusError::NameTaken(bus.to_string()))
+    {
+        Ok(RequestNameReply::PrimaryOwner | RequestNameReply::AlreadyOwner) => None,
+        Ok(RequestNameReply::InQueue | RequestNameReply::Exists) | Err(zbus::Error::NameTaken) => {
+            Some(DbusError::NameTaken(bus.to_string()))
         }
+        Err(e) => Some(DbusError::Bus(e)),
+    };
+    if let Some(e) = taken {
+        // Ends the watcher too.
+        let _ = conn.close().await;
+        return Err(e);
     }
     tracing::info!(
         name = DBUS_NAME,

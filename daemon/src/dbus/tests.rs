@@ -309,6 +309,12 @@ async fn live_introspection_matches_the_checked_in_xml() {
     let live = members(&intro, "org.llmsd.Llm1");
     let want = members(DBUS_INTROSPECTION_XML, "org.llmsd.Llm1");
     assert_eq!(live, want, "live XML:\n{intro}");
+
+    // A second daemon on the same bus does not queue for the name: it fails.
+    let e = serve(f.service.clone(), Bus::Address(f.bus.address.clone()))
+        .await
+        .expect_err("the name is taken");
+    assert!(matches!(e, DbusError::NameTaken(_)), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
