@@ -189,7 +189,7 @@ pub struct ChunkedKv {
     density_every: usize,
     gate: Option<Arc<LayerGate>>,
     /// Head-block layout per precision, indexed by `Precision as usize`.
-    layouts: [BlockLayout; 4],
+    pub(super) layouts: [BlockLayout; 4],
 }
 
 impl ChunkedKv {

@@ -18,6 +18,66 @@ pub struct Matrix {
     /// Type the activations are quantized to for this matrix's dot products.
     pub act_ty: GgmlType,
     pub gemm: Gemm,
+    /// The weights repacked at load (`quant::packed`), which `gemm` then multiplies instead of
+    /// the file's bytes.
+    pub packed: Option<std::sync::Arc<quant::packed::PackedBuf>>,
+}
+
+impl Matrix {
+    /// The bytes `gemm` multiplies: the packed copy, or the range of `file` (the model file's
+    /// bytes).
+    pub fn data<'a>(&'a self, file: &'a [u8]) -> &'a [u8] {
+        match &self.packed {
+            Some(p) => p.bytes(),
+            None => file
+                .get(self.offset..self.offset + self.rows * self.row_bytes)
+                .unwrap_or(&[]),
+        }
+    }
+
+    /// Dequantizes row `r` into `out` (`cols` floats).
+    pub fn dequantize_row(
+        &self,
+        file: &[u8],
+        r: usize,
+        out: &mut [f32],
+    ) -> Result<(), quant::QuantError> {
+        match &self.packed {
+            Some(p) => quant::packed::dequantize_row(self.ty, self.cols, p.bytes(), r, out),
+            None => {
+                let at = self.offset + r * self.row_bytes;
+                let src = file.get(at..at + self.row_bytes).unwrap_or(&[]);
+                quant::dequantize_row(self.ty, src, out)
+            }
+        }
+    }
+
+    /// Repacks the weights (`quant::packed`) when their type and row count allow it, and
+    /// returns whether it did; `file` is the model file's bytes, `done` gets each range of
+    /// `file` once it is packed.
+    pub fn pack(&mut self, file: &[u8], done: &mut dyn FnMut(std::ops::Range<usize>)) -> bool {
+        if self.packed.is_some()
+            || !quant::packed::packable(self.ty)
+            || !self.rows.is_multiple_of(quant::packed::STRIP)
+        {
+            return false;
+        }
+        let (Ok(buf), Some(tile)) = (
+            quant::packed::PackedBuf::new(
+                self.ty,
+                self.cols,
+                self.rows,
+                self.data(file),
+                &mut |r| done(self.offset + r.start..self.offset + r.end),
+            ),
+            quant::packed::tile_fn(self.ty),
+        ) else {
+            return false;
+        };
+        self.packed = Some(std::sync::Arc::new(buf));
+        self.gemm.tile = Some(tile);
+        true
+    }
 }
 
 /// Most weight rows per kernel call with many tokens (the kernels decode each strip of rows once
@@ -345,7 +405,8 @@ fn small_n(
 ) {
     let mut tile = [0.0f32; SMALL_TILE];
     let (rows, rb) = (w.rows, w.row_bytes);
-    let chunk = SMALL_TILE / n;
+    // Whole 8-row strips per call (packed weights need them).
+    let chunk = SMALL_TILE / n / 8 * 8;
     let mut r0 = lo;
     while r0 < hi {
         let nr = chunk.min(hi - r0);
@@ -473,6 +534,7 @@ mod tests {
             row_bytes,
             act_ty: quant::vec_dot_type(ty),
             gemm: Gemm::new(ty).unwrap(),
+            packed: None,
         };
         (m, data)
     }
@@ -553,7 +615,9 @@ mod tests {
             .map(|v| v.parse().unwrap())
             .collect();
         let bytes = model.file().bytes();
-        let data = |m: &Matrix| &bytes[m.offset..m.offset + m.rows * m.row_bytes];
+        fn data<'a>(m: &'a Matrix, bytes: &'a [u8]) -> &'a [u8] {
+            m.data(bytes)
+        }
         let w = &model.weights;
         let mut groups: Vec<(&str, Vec<&Matrix>)> = Vec::new();
         for l in &w.layers {
@@ -590,7 +654,7 @@ mod tests {
                         .zip(out.iter_mut())
                         .map(|(m, o)| MatJob {
                             w: m,
-                            data: data(m),
+                            data: data(m, bytes),
                             out: &mut o[..n * m.rows],
                         })
                         .collect();
