@@ -171,6 +171,9 @@ fn sum(x: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + it.remainder().iter().sum::<f32>()
 }
 
+/// Chunks ahead of the one being scored whose head block is prefetched.
+const PREFETCH_AHEAD: usize = 2;
+
 /// Heads processed together by the SIMD kernels (their `qs` scratch is this many rows).
 pub(crate) const KERNEL_HEADS: usize = 4;
 
@@ -258,7 +261,18 @@ impl ChunkedKv {
             let sc = &mut sc[..nh * n_vis];
             let qg = &query.q[h0 * dk..h1 * dk];
 
+            // Sealed chunks are separate allocations, each a fresh stream for the hardware
+            // prefetchers: fetch the head block (keys and values) two chunks ahead.
+            let mut ahead = spans.clone().skip(PREFETCH_AHEAD);
             for (s, ts, i0) in spans.clone() {
+                #[cfg(target_arch = "x86_64")]
+                if let Some((sa, _, _)) = ahead.next() {
+                    if let (true, ChunkSlot::Sealed(se)) = (SIMD, &self.slots[sa]) {
+                        if let Some((_, block)) = self.block(se, layer, g) {
+                            super::avx2::prefetch(block);
+                        }
+                    }
+                }
                 match &self.slots[s] {
                     ChunkSlot::Staged(st) => {
                         let keys = st.keys(layer);

@@ -66,6 +66,7 @@ unsafe fn widen(v: __m128i) -> (__m256, __m256) {
     (lo, hi)
 }
 
+use crate::quant::avx2::exp8;
 use crate::quant::avx2::hsum_f32_8 as hsum;
 
 /// 8 f16 at `b[16 * i..16 * i + 16]` (the `i`-th 8-lane piece) as f32.
@@ -406,6 +407,16 @@ unsafe fn value_loop<const B: u32, const NH: usize, const S: usize>(
     }
 }
 
+/// Asks for every cache line of `bytes` to be brought into the caches (a hint: no effect on
+/// results).
+#[inline]
+pub(super) fn prefetch(bytes: &[u8]) {
+    for line in bytes.chunks(64) {
+        // SAFETY: prefetching is a hint and cannot fault; the address lies inside `bytes`.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast::<i8>()) };
+    }
+}
+
 /// Key scores of one full f16 chunk (all 16 tokens visible) for `nh` heads, written straight
 /// into the score rows: `sc[j·stride + at + t]` for head `j`, token `t`. Same sums as
 /// [`key_scores`] in the same order (f16 keys have no bias term).
@@ -565,44 +576,6 @@ unsafe fn value_rows_f16<const NH: usize>(
             _mm256_storeu_ps(o.as_mut_ptr().add(8), _mm256_add_ps(o1, a[1]));
         }
     }
-}
-
-/// `e^x` in 8 lanes: Cephes' `expf` (range reduction by ln 2 in two parts, degree-6
-/// polynomial), within a few ulp of `f32::exp` on [-87.3, 88]; 0 below -87.3 (where the
-/// true value is subnormal), NaN stays NaN.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn exp8(x: __m256) -> __m256 {
-    let lo = _mm256_set1_ps(-87.3);
-    let underflow = _mm256_cmp_ps::<_CMP_LT_OQ>(x, lo);
-    let xc = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.0));
-    let fx = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
-        xc,
-        _mm256_set1_ps(std::f32::consts::LOG2_E),
-    ));
-    let r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693_359_4), xc);
-    let r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.121_944_4e-4), r);
-    let mut y = _mm256_set1_ps(1.987_569_1e-4);
-    for c in [
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        1.666_666_5e-1,
-        0.5,
-    ] {
-        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
-    }
-    let y = _mm256_fmadd_ps(
-        y,
-        _mm256_mul_ps(r, r),
-        _mm256_add_ps(r, _mm256_set1_ps(1.0)),
-    );
-    let pow2 = _mm256_slli_epi32::<23>(_mm256_add_epi32(
-        _mm256_cvtps_epi32(fx),
-        _mm256_set1_epi32(127),
-    ));
-    let e = _mm256_mul_ps(y, _mm256_castsi256_ps(pow2));
-    _mm256_andnot_ps(underflow, e)
 }
 
 /// [`exp8`] of one value (tests).

@@ -358,11 +358,7 @@ impl Model {
                 &mut s.acts,
             )?;
             match cfg.activation {
-                Activation::SwiGlu => {
-                    for (g, &u) in s.gate.iter_mut().zip(&s.up) {
-                        *g = ops::silu(*g) * u;
-                    }
-                }
+                Activation::SwiGlu => ops::swiglu(&mut s.gate, &s.up),
                 Activation::GeluTanhGlu => {
                     for (g, &u) in s.gate.iter_mut().zip(&s.up) {
                         *g = ops::gelu_tanh(*g) * u;

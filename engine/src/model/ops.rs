@@ -127,6 +127,46 @@ pub fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
+/// `gate[i] = silu(gate[i]) · up[i]` (the SwiGLU of the feed-forward block), with an 8-lane
+/// `exp` on AVX2 CPUs (within a few ulp of [`silu`]).
+pub fn swiglu(gate: &mut [f32], up: &[f32]) {
+    let n = gate.len().min(up.len());
+    let (gate, up) = (&mut gate[..n], &up[..n]);
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if quant::avx2::available() {
+        // SAFETY: AVX2/FMA checked just above.
+        done = unsafe { swiglu_avx2(gate, up) };
+    }
+    for (g, &u) in gate[done..].iter_mut().zip(&up[done..]) {
+        *g = silu(*g) * u;
+    }
+}
+
+/// The whole 8-element groups of [`swiglu`]; returns how many elements it did.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn swiglu_avx2(gate: &mut [f32], up: &[f32]) -> usize {
+    use std::arch::x86_64::*;
+    let n8 = gate.len().min(up.len()) / 8 * 8;
+    let one = _mm256_set1_ps(1.0);
+    let neg = _mm256_set1_ps(-0.0);
+    for (g, u) in gate[..n8].chunks_exact_mut(8).zip(up[..n8].chunks_exact(8)) {
+        // SAFETY: `g` and `u` hold 8 floats.
+        let x = _mm256_loadu_ps(g.as_ptr());
+        let e = quant::avx2::exp8(_mm256_xor_ps(x, neg));
+        let s = _mm256_div_ps(x, _mm256_add_ps(one, e));
+        _mm256_storeu_ps(
+            g.as_mut_ptr(),
+            _mm256_mul_ps(s, _mm256_loadu_ps(u.as_ptr())),
+        );
+    }
+    n8
+}
+
 /// GELU with the tanh approximation, computed exactly.
 pub fn gelu_tanh_exact(x: f32) -> f32 {
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
@@ -695,6 +735,28 @@ mod tests {
                     b as f64 / 1e6
                 );
             }
+        }
+    }
+
+    /// The AVX2 SwiGLU against the scalar formula, over the range where it matters and the
+    /// extremes (exp overflow / underflow), with a tail that is not a multiple of 8.
+    #[test]
+    fn swiglu_matches_scalar() {
+        let gate: Vec<f32> = (0..2003)
+            .map(|i| (i as f32 - 1000.0) / 37.0)
+            .chain([-200.0, -88.5, -87.0, 87.0, 88.5, 200.0, 0.0])
+            .collect();
+        let up: Vec<f32> = (0..gate.len())
+            .map(|i| (i % 13) as f32 / 6.0 - 1.0)
+            .collect();
+        let mut got = gate.clone();
+        swiglu(&mut got, &up);
+        for ((&g, &u), &x) in gate.iter().zip(&up).zip(&got) {
+            let want = silu(g) * u;
+            assert!(
+                (x - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                "swiglu({g}, {u}) = {x}, scalar {want}"
+            );
         }
     }
 

@@ -290,6 +290,8 @@ mod x86 {
     const SMALL_MAX: usize = 8;
     /// Tokens per register tile of [`small`].
     const T: usize = 4;
+    /// Bytes ahead of the weight stream that are prefetched.
+    const PREFETCH: usize = 1024;
     /// Most blocks per row handled by one [`small`] call's activation-scale table (longer
     /// rows are done in column chunks whose results are added).
     const MAX_NB: usize = 64;
@@ -335,6 +337,9 @@ mod x86 {
         });
     }
 
+    /// A group of up to `T` tokens: first token, count, activation rows, scale tables.
+    type TokenGroup<'a> = (usize, usize, [*const u8; T], [&'a [[f32; 4]]; T]);
+
     /// [`tile`] for `n_tok <= SMALL_MAX` tokens, `n_strips` whole strips; `asc` holds
     /// `SMALL_MAX · MAX_NB` entries.
     #[allow(clippy::too_many_arguments)]
@@ -358,25 +363,35 @@ mod x86 {
                     unsafe { K::act(ab.as_ptr(), &mut asc[t * MAX_NB + b..][..1]) };
                 }
             }
-            for t0 in (0..n_tok).step_by(T) {
-                let nt = T.min(n_tok - t0);
+            // Token groups of up to T: their activation rows and scale tables.
+            let groups: [TokenGroup<'_>; SMALL_MAX / T] = std::array::from_fn(|gi| {
+                let t0 = (gi * T).min(n_tok.saturating_sub(1));
+                let nt = T.min(n_tok.saturating_sub(gi * T));
+                let last = (t0 + nt.max(1) - 1).min(n_tok.saturating_sub(1));
                 // Tokens past `nt` repeat the last one (their results are dropped).
-                let a_ptr: [*const u8; T] = std::array::from_fn(|i| {
-                    a[(t0 + i.min(nt - 1)) * a_row + c0 * K::A_BYTES..].as_ptr()
+                let a_ptr = std::array::from_fn(|i| {
+                    a[(t0 + i).min(last) * a_row + c0 * K::A_BYTES..].as_ptr()
                 });
-                let sc: [&[[f32; 4]]; T] =
-                    std::array::from_fn(|i| &asc[(t0 + i.min(nt - 1)) * MAX_NB..][..nbc]);
-                for s in 0..n_strips {
-                    let sw = &w[s * STRIP * w_row + c0 * K::PACK_BYTES..][..nbc * K::PACK_BYTES];
+                let sc = std::array::from_fn(|i| &asc[(t0 + i).min(last) * MAX_NB..][..nbc]);
+                (t0, nt, a_ptr, sc)
+            });
+            // Strips outer, token groups inner: the second group finds the strip in L1.
+            for s in 0..n_strips {
+                let sw = &w[s * STRIP * w_row + c0 * K::PACK_BYTES..][..nbc * K::PACK_BYTES];
+                for (t0, nt, a_ptr, sc) in &groups {
+                    let (t0, nt) = (*t0, *nt);
+                    if nt == 0 {
+                        continue;
+                    }
                     macro_rules! go {
                         ($n:literal) => {{
                             let mut r = [[0.0f32; STRIP]; T];
-                            let ap: &[*const u8; $n] = a_ptr[..$n].try_into().expect("tokens");
-                            let sc: &[&[[f32; 4]]; $n] = sc[..$n].try_into().expect("tokens");
+                            let ap: [*const u8; $n] = std::array::from_fn(|i| a_ptr[i]);
+                            let sc: [&[[f32; 4]]; $n] = std::array::from_fn(|i| sc[i]);
                             // SAFETY: AVX2/FMA/F16C checked; `sw` holds strip-blocks
                             // c0..c0 + nbc of strip s; each token row at `ap` holds activation
                             // blocks c0..c0 + nbc; `sc[i]` holds nbc scale entries.
-                            let x = unsafe { strip::<K, $n>(nbc, sw.as_ptr(), ap, sc) };
+                            let x = unsafe { strip::<K, $n>(nbc, sw.as_ptr(), &ap, &sc) };
                             r[..$n].copy_from_slice(&x);
                             r
                         }};
@@ -420,6 +435,10 @@ mod x86 {
         let mut acc = [_mm256_setzero_ps(); N];
         let aq = K::act_quants(0);
         for b in 0..nb {
+            // A hint only: the address may lie past the weights (hence `wrapping_add`).
+            let pf = w.wrapping_add(b * K::PACK_BYTES + PREFETCH);
+            _mm_prefetch::<_MM_HINT_T0>(pf.cast::<i8>());
+            _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(K::PACK_BYTES / 2).cast::<i8>());
             let mut v = [_mm256_setzero_si256(); 8];
             // SAFETY (caller): strip-block b is readable.
             let (d8, m8) = K::unpack(w.add(b * K::PACK_BYTES), &mut v);
@@ -588,6 +607,43 @@ mod tests {
                 for n_tok in [1, 2, 3, 4, 5, 7, 8, 9, 13, 70] {
                     check(ty, cols, &src, n_rows, n_tok, &mut rng);
                 }
+            }
+        }
+    }
+
+    /// Throughput of the packed kernel on an L2-resident matrix (run by hand:
+    /// `cargo test -p llmsd-engine --release quant_packed_bench -- --ignored --nocapture`).
+    #[test]
+    #[ignore = "benchmark, run by hand"]
+    fn quant_packed_bench() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let (cols, rows) = (576, 512);
+        for ty in TYPES {
+            let Some(f) = tile_fn(ty) else { continue };
+            let src = random_weights(ty, cols * rows, &mut rng);
+            let mut packed = vec![0u8; src.len()];
+            pack(ty, cols, rows, &src, &mut packed).unwrap();
+            for n_tok in [1usize, 4, 8, 16, 64] {
+                let a: Vec<u8> = (0..n_tok)
+                    .flat_map(|_| quantized(ty, &random_activations(cols, &mut rng)))
+                    .collect();
+                let mut out = vec![0f32; rows * n_tok];
+                let reps = 4096 / n_tok;
+                let mut best = f64::MAX;
+                for _ in 0..5 {
+                    let t = std::time::Instant::now();
+                    for _ in 0..reps {
+                        f(cols, &packed, rows, &a, n_tok, &mut out, rows);
+                    }
+                    best = best.min(t.elapsed().as_secs_f64());
+                }
+                let macs = (reps * rows * cols * n_tok) as f64;
+                println!(
+                    "{ty:>5} n_tok={n_tok:2}: {:6.1} GMAC/s, {:5.2} ns per 8 rows x 32 x token (out {})",
+                    macs / best / 1e9,
+                    best * 1e9 / (macs / 256.0),
+                    out[0]
+                );
             }
         }
     }
