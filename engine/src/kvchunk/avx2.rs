@@ -417,6 +417,25 @@ pub(super) fn prefetch(bytes: &[u8]) {
     }
 }
 
+/// [`prefetch`] into the second-level cache only (`prefetcht1`): data needed a little later,
+/// which should not evict what the current loop works on from L1.
+#[inline]
+pub(super) fn prefetch_l2(bytes: &[u8]) {
+    for line in bytes.chunks(64) {
+        // SAFETY: prefetching is a hint and cannot fault; the address lies inside `bytes`.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(line.as_ptr().cast::<i8>()) };
+    }
+}
+
+/// [`prefetch_l2`] of f32 data.
+#[inline]
+pub(super) fn prefetch_l2_f32(x: &[f32]) {
+    for line in x.chunks(16) {
+        // SAFETY: as in `prefetch_l2`.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(line.as_ptr().cast::<i8>()) };
+    }
+}
+
 /// Key scores of one full f16 chunk (all 16 tokens visible) for `nh` heads, written straight
 /// into the score rows: `sc[j·stride + at + t]` for head `j`, token `t`. Same sums as
 /// [`key_scores`] in the same order (f16 keys have no bias term).

@@ -449,6 +449,29 @@ impl KvCache for ChunkedKv {
         self.attend_scalar(query, out, scores);
     }
 
+    fn prefetch_layer(&self, layer: usize, part: usize, parts: usize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let n = self.len.div_ceil(T).min(self.slots.len());
+            let r = crate::pool::split_range(n, parts.max(1), part);
+            for slot in &self.slots[r] {
+                match slot {
+                    ChunkSlot::Sealed(s) => {
+                        if let Some(b) = s.layer(layer) {
+                            super::avx2::prefetch_l2(b);
+                        }
+                    }
+                    ChunkSlot::Staged(s) => {
+                        super::avx2::prefetch_l2_f32(s.keys(layer));
+                        super::avx2::prefetch_l2_f32(s.values(layer));
+                    }
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (layer, part, parts);
+    }
+
     /// Waits on the gate (if any), then checks that every sealed slot has `layer`.
     fn wait_layer(&self, layer: usize) -> Result<(), KvError> {
         if let Some(g) = &self.gate {

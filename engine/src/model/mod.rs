@@ -55,6 +55,10 @@ pub enum ModelError {
     CacheShape { expected: KvShape, found: KvShape },
 }
 
+/// Token counts up to this (decode, batched decode) prefetch the next layer's cache during the
+/// feed-forward products.
+const PREFETCH_MAX_TOKENS: usize = 8;
+
 /// Which positions of a sequence need next-token logits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Logits {
@@ -347,7 +351,17 @@ impl Model {
             ops::rms_norm_into(&mut s.xn, &s.x, &lw.ffn_norm, cfg.rms_eps);
             s.gate.resize(n * cfg.ffn_dim, 0.0);
             s.up.resize(n * cfg.ffn_dim, 0.0);
-            ops::matmul_many(
+            // Batched decode: the next layer's cache streams in while these (compute-bound)
+            // products run.
+            let next = il + 1;
+            let prefetch = |part: usize, parts: usize| {
+                for seq in batch.iter() {
+                    seq.kv.prefetch_layer(next, part, parts);
+                }
+            };
+            let side: Option<ops::SideFn<'_>> =
+                (n <= PREFETCH_MAX_TOKENS && next < cfg.n_layers).then_some(&prefetch);
+            ops::matmul_many_pf(
                 pool,
                 &mut [
                     self.job(&lw.ffn_gate, &mut s.gate),
@@ -356,6 +370,7 @@ impl Model {
                 &s.xn,
                 n,
                 &mut s.acts,
+                side,
             )?;
             match cfg.activation {
                 Activation::SwiGlu => ops::swiglu(&mut s.gate, &s.up),

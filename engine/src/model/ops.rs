@@ -336,6 +336,22 @@ pub fn matmul_many(
     n: usize,
     acts: &mut ActBuffers,
 ) -> Result<(), quant::QuantError> {
+    matmul_many_pf(pool, jobs, x, n, acts, None)
+}
+
+/// A side job of a product's tasks: `f(task, n_tasks)` runs once per task (prefetches of the
+/// next layer's cache, see [`matmul_many_pf`]).
+pub type SideFn<'a> = &'a (dyn Fn(usize, usize) + Sync);
+
+/// [`matmul_many`], running `side(task, n_tasks)` after each task's rows.
+pub fn matmul_many_pf(
+    pool: &ThreadPool,
+    jobs: &mut [MatJob<'_>],
+    x: &[f32],
+    n: usize,
+    acts: &mut ActBuffers,
+    side: Option<SideFn<'_>>,
+) -> Result<(), quant::QuantError> {
     let Some(cols) = jobs.first().map(|j| j.w.cols) else {
         return Ok(());
     };
@@ -404,6 +420,9 @@ pub fn matmul_many(
             } else {
                 blocked(w, w_data, a, n, out, lo, hi);
             }
+        }
+        if let Some(f) = side {
+            f(idx, n_tasks);
         }
     });
     Ok(())

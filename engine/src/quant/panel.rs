@@ -564,7 +564,7 @@ pub(super) mod x86 {
         p: &Panel,
         a: [*const u8; T],
         asc: &[[f32; 4]],
-    ) -> [__m256; T] {
+    ) -> [[f32; PR]; T] {
         let spb = K::BLOCK / 32;
         let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); T];
@@ -624,7 +624,12 @@ pub(super) mod x86 {
                 }
             }
         }
-        acc
+        let mut res = [[0.0f32; PR]; T];
+        for (r, a) in res.iter_mut().zip(acc) {
+            // SAFETY: 8 f32 stored to an 8-f32 array.
+            _mm256_storeu_ps(r.as_mut_ptr(), a);
+        }
+        res
     }
 
     /// The [`super::super::TileFn`] over panels for kind `K` (see the module doc). Counts are
@@ -773,14 +778,19 @@ pub(super) mod x86 {
                         // T·PG spare) filled for tokens t0..t0 + nt (the rest are stale or zero,
                         // for dropped lanes only).
                         let res = unsafe { strip_dot::<K>(ng, panel, a_ptr, &asc[t0 * PG..]) };
-                        for (i, v) in res.iter().enumerate().take(nt) {
-                            let mut lanes = [0.0f32; PR];
-                            // SAFETY: 8 f32 store to a local array.
-                            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *v) };
+                        for (i, lanes) in res.iter().enumerate().take(nt) {
                             let base = (tc + t0 + i) * out_stride + r0;
-                            for (r, &x) in lanes.iter().enumerate().take(nr) {
-                                if let Some(o) = out.get_mut(base + r) {
-                                    *o = if c0 == 0 { x } else { *o + x };
+                            if let Some(o) = out.get_mut(base..base + nr) {
+                                if c0 == 0 {
+                                    o.copy_from_slice(&lanes[..nr]);
+                                } else {
+                                    o.iter_mut().zip(lanes).for_each(|(o, x)| *o += x);
+                                }
+                            } else {
+                                for (r, &x) in lanes.iter().enumerate().take(nr) {
+                                    if let Some(o) = out.get_mut(base + r) {
+                                        *o = if c0 == 0 { x } else { *o + x };
+                                    }
                                 }
                             }
                         }
