@@ -403,6 +403,31 @@ impl GgufFile {
         &self.backing
     }
 
+    /// Drops the mapped pages lying wholly inside `range` from this process's resident set
+    /// (`madvise(MADV_DONTNEED)`): for data copied elsewhere (packed weights) that is not read
+    /// again. Reading the range later is still correct (the pages fault back in from the
+    /// file). No-op for in-memory images and on error.
+    pub fn release(&self, range: std::ops::Range<usize>) {
+        #[cfg(unix)]
+        if let Backing::Mmap(m) = &self.backing {
+            const PAGE: usize = 4096;
+            let base = m.as_ptr() as usize;
+            let start = (base + range.start).next_multiple_of(PAGE) - base;
+            let end = ((base + range.end.min(m.len())) / PAGE * PAGE).saturating_sub(base);
+            if start < end {
+                // SAFETY: the map is read-only and file-backed: MADV_DONTNEED only unmaps the
+                // pages from this process, and any later read faults in the same bytes from the
+                // file (the contract of `open` already is that the file does not change). No
+                // reference observes different contents.
+                let _ = unsafe {
+                    m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+                };
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = range;
+    }
+
     pub fn tensor_info(&self, name: &str) -> Option<&TensorInfo> {
         self.by_name.get(name).map(|&i| &self.tensors[i])
     }

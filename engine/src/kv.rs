@@ -86,6 +86,13 @@ pub trait KvCache: Send + Sync {
     /// (`out.len() == query.heads.len() * v_head_dim`). `scores` is scratch space.
     fn attend(&self, query: &AttnQuery<'_>, out: &mut [f32], scores: &mut Vec<f32>);
 
+    /// A hint: start bringing part `part` of `parts` of `layer`'s keys and values toward the
+    /// caches. The forward pass calls it while the previous layer's matrix products run (they
+    /// are compute-bound in batched decode, attention is memory-bound), so the two overlap.
+    fn prefetch_layer(&self, layer: usize, part: usize, parts: usize) {
+        let _ = (layer, part, parts);
+    }
+
     /// Blocks until `layer`'s entries can be read (a cache restored layer by layer while the
     /// forward pass runs); the forward pass calls it before each layer's attention.
     fn wait_layer(&self, layer: usize) -> Result<(), KvError> {

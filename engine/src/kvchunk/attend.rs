@@ -5,7 +5,7 @@ use std::ops::Range;
 
 use super::cache::{ChunkSlot, ChunkedKv};
 use super::format::{f16_at, f16_group, unpack_group};
-use super::{BlockLayout, CHUNK_TOKENS};
+use super::{BlockLayout, Precision, CHUNK_TOKENS};
 use crate::kv::{dot, AttnQuery, KvShape};
 
 const T: usize = CHUNK_TOKENS;
@@ -171,6 +171,9 @@ fn sum(x: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + it.remainder().iter().sum::<f32>()
 }
 
+/// Chunks ahead of the one being scored whose head block is prefetched.
+const PREFETCH_AHEAD: usize = 2;
+
 /// Heads processed together by the SIMD kernels (their `qs` scratch is this many rows).
 pub(crate) const KERNEL_HEADS: usize = 4;
 
@@ -223,6 +226,8 @@ impl ChunkedKv {
             return;
         }
         let group = (query.n_heads / n_kv_heads).max(1);
+        // Full f16 chunks take the row kernels (scores written in place, values in one pass).
+        let fast = SIMD && cfg!(target_arch = "x86_64") && dv.is_multiple_of(T);
         let first_slot = visible.start / T;
         let last_slot = (visible.end - 1) / T;
         let sampled = self.is_sampled(layer);
@@ -256,7 +261,18 @@ impl ChunkedKv {
             let sc = &mut sc[..nh * n_vis];
             let qg = &query.q[h0 * dk..h1 * dk];
 
+            // Sealed chunks are separate allocations, each a fresh stream for the hardware
+            // prefetchers: fetch the head block (keys and values) two chunks ahead.
+            let mut ahead = spans.clone().skip(PREFETCH_AHEAD);
             for (s, ts, i0) in spans.clone() {
+                #[cfg(target_arch = "x86_64")]
+                if let Some((sa, _, _)) = ahead.next() {
+                    if let (true, ChunkSlot::Sealed(se)) = (SIMD, &self.slots[sa]) {
+                        if let Some((_, block)) = self.block(se, layer, g) {
+                            super::avx2::prefetch(block);
+                        }
+                    }
+                }
                 match &self.slots[s] {
                     ChunkSlot::Staged(st) => {
                         let keys = st.keys(layer);
@@ -268,6 +284,13 @@ impl ChunkedKv {
                         }
                     }
                     ChunkSlot::Sealed(se) => match self.block(se, layer, g) {
+                        #[cfg(target_arch = "x86_64")]
+                        Some((lay, block)) if fast && lay.p == Precision::F16 && ts.len() == T => {
+                            // SAFETY: `fast` implies `SIMD`, only true after the CPU check.
+                            unsafe {
+                                super::avx2::key_scores_f16_rows(lay, block, qg, nh, sc, n_vis, i0)
+                            };
+                        }
                         Some((lay, block)) => {
                             key_scores::<SIMD>(lay, block, qg, nh, tmp, qs);
                             for j in 0..nh {
@@ -297,7 +320,51 @@ impl ChunkedKv {
             let first = (h0 - query.heads.start) * dv;
             let o = &mut out[first..first + nh * dv];
             o.fill(0.0);
+            // Full f16 chunks in one pass over all of them (see `value_accum_f16_rows`); the
+            // rest chunk by chunk below.
+            let f16_full = |s: usize, ts: &Range<usize>| -> Option<&[u8]> {
+                match &self.slots[s] {
+                    ChunkSlot::Sealed(se) if fast && ts.len() == T => {
+                        match self.block(se, layer, g) {
+                            Some((lay, block)) if lay.p == Precision::F16 => Some(block),
+                            _ => None,
+                        }
+                    }
+                    _ => None,
+                }
+            };
+            #[cfg(target_arch = "x86_64")]
+            if fast {
+                // In batches of up to 64 chunks, looked up once.
+                let lay = &self.layouts[Precision::F16 as usize];
+                let mut batch: [(&[u8], usize); 64] = [(&[], 0); 64];
+                let mut n_batch = 0;
+                let mut spans_left = spans.clone().peekable();
+                while let Some((s, ts, i0)) = spans_left.next() {
+                    if let Some(b) = f16_full(s, &ts) {
+                        batch[n_batch] = (b, i0);
+                        n_batch += 1;
+                    }
+                    if n_batch > 0 && (n_batch == batch.len() || spans_left.peek().is_none()) {
+                        // SAFETY: `fast` implies `SIMD`, only true after the CPU check.
+                        unsafe {
+                            super::avx2::value_accum_f16_rows(
+                                lay,
+                                &batch[..n_batch],
+                                sc,
+                                n_vis,
+                                nh,
+                                o,
+                            )
+                        };
+                        n_batch = 0;
+                    }
+                }
+            }
             for (s, ts, i0) in spans.clone() {
+                if f16_full(s, &ts).is_some() {
+                    continue;
+                }
                 match &self.slots[s] {
                     ChunkSlot::Staged(st) => {
                         let values = st.values(layer);

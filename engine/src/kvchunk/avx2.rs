@@ -66,6 +66,7 @@ unsafe fn widen(v: __m128i) -> (__m256, __m256) {
     (lo, hi)
 }
 
+use crate::quant::avx2::exp8;
 use crate::quant::avx2::hsum_f32_8 as hsum;
 
 /// 8 f16 at `b[16 * i..16 * i + 16]` (the `i`-th 8-lane piece) as f32.
@@ -406,42 +407,194 @@ unsafe fn value_loop<const B: u32, const NH: usize, const S: usize>(
     }
 }
 
-/// `e^x` in 8 lanes: Cephes' `expf` (range reduction by ln 2 in two parts, degree-6
-/// polynomial), within a few ulp of `f32::exp` on [-87.3, 88]; 0 below -87.3 (where the
-/// true value is subnormal), NaN stays NaN.
+/// Asks for every cache line of `bytes` to be brought into the caches (a hint: no effect on
+/// results).
+#[inline]
+pub(super) fn prefetch(bytes: &[u8]) {
+    for line in bytes.chunks(64) {
+        // SAFETY: prefetching is a hint and cannot fault; the address lies inside `bytes`.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast::<i8>()) };
+    }
+}
+
+/// [`prefetch`] into the second-level cache only (`prefetcht1`): data needed a little later,
+/// which should not evict what the current loop works on from L1.
+#[inline]
+pub(super) fn prefetch_l2(bytes: &[u8]) {
+    for line in bytes.chunks(64) {
+        // SAFETY: prefetching is a hint and cannot fault; the address lies inside `bytes`.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(line.as_ptr().cast::<i8>()) };
+    }
+}
+
+/// [`prefetch_l2`] of f32 data.
+#[inline]
+pub(super) fn prefetch_l2_f32(x: &[f32]) {
+    for line in x.chunks(16) {
+        // SAFETY: as in `prefetch_l2`.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(line.as_ptr().cast::<i8>()) };
+    }
+}
+
+/// Key scores of one full f16 chunk (all 16 tokens visible) for `nh` heads, written straight
+/// into the score rows: `sc[j·stride + at + t]` for head `j`, token `t`. Same sums as
+/// [`key_scores`] in the same order (f16 keys have no bias term).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn key_scores_f16_rows(
+    lay: &BlockLayout,
+    block: &[u8],
+    q: &[f32],
+    nh: usize,
+    sc: &mut [f32],
+    stride: usize,
+    at: usize,
+) {
+    let dk = lay.dk;
+    let Some(codes) = block.get(lay.k_codes..lay.k_codes + dk * 2 * T) else {
+        return;
+    };
+    if lay.p != Precision::F16
+        || nh == 0
+        || q.len() < nh * dk
+        || stride < at + T
+        || sc.len() < (nh - 1) * stride + at + T
+    {
+        debug_assert!(false, "key_scores_f16_rows: bad arguments");
+        return;
+    }
+    let mut j0 = 0;
+    while j0 < nh {
+        let nb = (nh - j0).min(4);
+        let qb = &q[j0 * dk..(j0 + nb) * dk];
+        let out = &mut sc[j0 * stride..];
+        match nb {
+            1 => key_rows_f16::<1>(codes, qb, dk, out, stride, at),
+            2 => key_rows_f16::<2>(codes, qb, dk, out, stride, at),
+            3 => key_rows_f16::<3>(codes, qb, dk, out, stride, at),
+            _ => key_rows_f16::<4>(codes, qb, dk, out, stride, at),
+        }
+        j0 += nb;
+    }
+}
+
+/// [`key_scores_f16_rows`] for `NH` heads; the caller checked the lengths (`codes`: `dk`
+/// groups, `q`: `NH·dk`, `out`: `(NH − 1)·stride + at + 16`).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn exp8(x: __m256) -> __m256 {
-    let lo = _mm256_set1_ps(-87.3);
-    let underflow = _mm256_cmp_ps::<_CMP_LT_OQ>(x, lo);
-    let xc = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.0));
-    let fx = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
-        xc,
-        _mm256_set1_ps(std::f32::consts::LOG2_E),
-    ));
-    let r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693_359_4), xc);
-    let r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.121_944_4e-4), r);
-    let mut y = _mm256_set1_ps(1.987_569_1e-4);
-    for c in [
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        1.666_666_5e-1,
-        0.5,
-    ] {
-        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
+unsafe fn key_rows_f16<const NH: usize>(
+    codes: &[u8],
+    q: &[f32],
+    dk: usize,
+    out: &mut [f32],
+    stride: usize,
+    at: usize,
+) {
+    let (cp, qp) = (codes.as_ptr(), q.as_ptr());
+    let mut acc = [[_mm256_setzero_ps(); 2]; NH];
+    for c in 0..dk {
+        // SAFETY: c < dk and `codes` holds dk groups of 32 bytes (caller).
+        let (k0, k1) = load_group::<16>(cp.add(c * 2 * T));
+        for (j, a) in acc.iter_mut().enumerate() {
+            // SAFETY: j·dk + c < NH·dk <= q.len() (caller).
+            let w = _mm256_broadcast_ss(&*qp.add(j * dk + c));
+            a[0] = _mm256_fmadd_ps(w, k0, a[0]);
+            a[1] = _mm256_fmadd_ps(w, k1, a[1]);
+        }
     }
-    let y = _mm256_fmadd_ps(
-        y,
-        _mm256_mul_ps(r, r),
-        _mm256_add_ps(r, _mm256_set1_ps(1.0)),
-    );
-    let pow2 = _mm256_slli_epi32::<23>(_mm256_add_epi32(
-        _mm256_cvtps_epi32(fx),
-        _mm256_set1_epi32(127),
-    ));
-    let e = _mm256_mul_ps(y, _mm256_castsi256_ps(pow2));
-    _mm256_andnot_ps(underflow, e)
+    for (j, a) in acc.iter().enumerate() {
+        let o = &mut out[j * stride + at..j * stride + at + T];
+        // SAFETY: `o` holds 16 floats.
+        _mm256_storeu_ps(o.as_mut_ptr(), a[0]);
+        _mm256_storeu_ps(o.as_mut_ptr().add(8), a[1]);
+    }
+}
+
+/// `out[j][c] += Σ_chunks Σ_t p[j·stride + at + t] · v[t][c]` for `nh` heads over full f16
+/// chunks, each given as its head block and `at` (the index of its first token in the
+/// probability rows `p`). Channels go 16 at a time through all the chunks, so the
+/// accumulators stay in registers. `dv` must be a multiple of 16.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn value_accum_f16_rows(
+    lay: &BlockLayout,
+    chunks: &[(&[u8], usize)],
+    p: &[f32],
+    stride: usize,
+    nh: usize,
+    out: &mut [f32],
+) {
+    let dv = lay.dv;
+    if lay.p != Precision::F16
+        || !dv.is_multiple_of(T)
+        || nh == 0
+        || out.len() < nh * dv
+        || p.len() < (nh - 1) * stride + T
+    {
+        debug_assert!(false, "value_accum_f16_rows: bad arguments");
+        return;
+    }
+    let mut j0 = 0;
+    while j0 < nh {
+        let nb = (nh - j0).min(4);
+        let (pb, ob) = (&p[j0 * stride..], &mut out[j0 * dv..(j0 + nb) * dv]);
+        match nb {
+            1 => value_rows_f16::<1>(lay, chunks, pb, stride, ob),
+            2 => value_rows_f16::<2>(lay, chunks, pb, stride, ob),
+            3 => value_rows_f16::<3>(lay, chunks, pb, stride, ob),
+            _ => value_rows_f16::<4>(lay, chunks, pb, stride, ob),
+        }
+        j0 += nb;
+    }
+}
+
+/// [`value_accum_f16_rows`] for `NH` heads (`out`: `NH·dv`, `p`: rows `stride` apart).
+/// Chunks whose block or probabilities are too short are skipped.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn value_rows_f16<const NH: usize>(
+    lay: &BlockLayout,
+    chunks: &[(&[u8], usize)],
+    p: &[f32],
+    stride: usize,
+    out: &mut [f32],
+) {
+    let (dv, vg) = (lay.dv, lay.vg);
+    let tok_bytes = vg * 2 * T;
+    let v_end = lay.v_codes + T * tok_bytes;
+    let p_len = (NH - 1) * stride;
+    for g in 0..vg {
+        let mut acc = [[_mm256_setzero_ps(); 2]; NH];
+        for &(block, at) in chunks {
+            if block.len() < v_end || p.len() < p_len + at + T {
+                continue;
+            }
+            let cp = block.as_ptr().add(lay.v_codes + g * 2 * T);
+            let pp = p.as_ptr().add(at);
+            for t in 0..T {
+                // SAFETY: token t's group g lies inside the value codes (checked above).
+                let (x0, x1) = load_group::<16>(cp.add(t * tok_bytes));
+                for (j, a) in acc.iter_mut().enumerate() {
+                    // SAFETY: j·stride + at + t < p.len() (checked above).
+                    let w = _mm256_broadcast_ss(&*pp.add(j * stride + t));
+                    a[0] = _mm256_fmadd_ps(w, x0, a[0]);
+                    a[1] = _mm256_fmadd_ps(w, x1, a[1]);
+                }
+            }
+        }
+        for (j, a) in acc.iter().enumerate() {
+            let o = &mut out[j * dv + g * T..j * dv + (g + 1) * T];
+            // SAFETY: `o` holds 16 floats.
+            let o0 = _mm256_loadu_ps(o.as_ptr());
+            let o1 = _mm256_loadu_ps(o.as_ptr().add(8));
+            _mm256_storeu_ps(o.as_mut_ptr(), _mm256_add_ps(o0, a[0]));
+            _mm256_storeu_ps(o.as_mut_ptr().add(8), _mm256_add_ps(o1, a[1]));
+        }
+    }
 }
 
 /// [`exp8`] of one value (tests).

@@ -189,7 +189,7 @@ pub struct ChunkedKv {
     density_every: usize,
     gate: Option<Arc<LayerGate>>,
     /// Head-block layout per precision, indexed by `Precision as usize`.
-    layouts: [BlockLayout; 4],
+    pub(super) layouts: [BlockLayout; 4],
 }
 
 impl ChunkedKv {
@@ -447,6 +447,29 @@ impl KvCache for ChunkedKv {
             return;
         }
         self.attend_scalar(query, out, scores);
+    }
+
+    fn prefetch_layer(&self, layer: usize, part: usize, parts: usize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let n = self.len.div_ceil(T).min(self.slots.len());
+            let r = crate::pool::split_range(n, parts.max(1), part);
+            for slot in &self.slots[r] {
+                match slot {
+                    ChunkSlot::Sealed(s) => {
+                        if let Some(b) = s.layer(layer) {
+                            super::avx2::prefetch_l2(b);
+                        }
+                    }
+                    ChunkSlot::Staged(s) => {
+                        super::avx2::prefetch_l2_f32(s.keys(layer));
+                        super::avx2::prefetch_l2_f32(s.values(layer));
+                    }
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (layer, part, parts);
     }
 
     /// Waits on the gate (if any), then checks that every sealed slot has `layer`.

@@ -739,6 +739,13 @@ fn mixed_slots_attend_like_contiguous() {
                 // SAFETY: checked just above.
                 unsafe { kv.attend_avx2(&query, &mut out, &mut Vec::new()) };
                 assert_close(&out, &want, 1e-4, "mixed avx2");
+                // All-f16 caches take the row kernels for full chunks: against the scalar
+                // loop on the same cache.
+                let mut scalar = vec![0.0; out.len()];
+                f16_only.attend_scalar(&query, &mut scalar, &mut Vec::new());
+                // SAFETY: checked just above.
+                unsafe { f16_only.attend_avx2(&query, &mut out, &mut Vec::new()) };
+                assert_close(&out, &scalar, 1e-5, "f16 avx2 vs scalar");
             }
             assert_close(
                 &run(&f16_only, n_heads, s.v_head_dim, &q),

@@ -19,7 +19,7 @@ pub use weights::{LayerWeights, Weights};
 use crate::gguf::{GgufError, GgufFile};
 use crate::kv::{AttnQuery, KvCache, KvError, KvShape};
 use crate::pool::{DisjointSlice, ThreadPool};
-use crate::quant::{self, GgmlType, QuantError};
+use crate::quant::{GgmlType, QuantError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -54,6 +54,10 @@ pub enum ModelError {
     #[error("cache shape {found:?} does not match the model's {expected:?}")]
     CacheShape { expected: KvShape, found: KvShape },
 }
+
+/// Token counts up to this (decode, batched decode) prefetch the next layer's cache during the
+/// feed-forward products.
+const PREFETCH_MAX_TOKENS: usize = 8;
 
 /// Which positions of a sequence need next-token logits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -111,6 +115,26 @@ impl std::fmt::Debug for Model {
     }
 }
 
+/// Repacks every matrix that can be (`quant::packed`; a tensor shared by two matrices, the
+/// tied embeddings, is packed once) and releases the file pages of the packed tensors, so the
+/// resident size stays that of the file. Set `LLMSD_REPACK=0` to keep the file layout (A/B
+/// measurements).
+fn pack_weights(file: &GgufFile, w: &mut Weights) {
+    let bytes = file.bytes();
+    let mut done: Vec<(usize, Matrix)> = Vec::new();
+    for m in w.matrices_mut() {
+        if let Some((_, p)) = done.iter().find(|(off, _)| *off == m.offset) {
+            if p.packed.is_some() {
+                m.packed.clone_from(&p.packed);
+                m.gemm = p.gemm;
+            }
+            continue;
+        }
+        m.pack(bytes, &mut |r| file.release(r));
+        done.push((m.offset, m.clone()));
+    }
+}
+
 impl Model {
     pub fn load(path: impl AsRef<Path>) -> Result<Self, ModelError> {
         Self::from_gguf(GgufFile::open(path)?)
@@ -118,7 +142,10 @@ impl Model {
 
     pub fn from_gguf(file: GgufFile) -> Result<Self, ModelError> {
         let config = ModelConfig::from_gguf(&file)?;
-        let weights = Weights::load(&file, &config)?;
+        let mut weights = Weights::load(&file, &config)?;
+        if std::env::var("LLMSD_REPACK").map_or(true, |v| v != "0") {
+            pack_weights(&file, &mut weights);
+        }
         let factors = weights.rope_freqs.as_deref();
         let inv_freq = ops::rope_inv_freqs(config.rope_base, config.rope_dims, factors);
         let inv_freq_swa = ops::rope_inv_freqs(config.rope_base_swa, config.rope_dims, factors);
@@ -153,9 +180,9 @@ impl Model {
         }
     }
 
-    fn data(&self, m: &Matrix) -> &[u8] {
-        let bytes = self.file.bytes();
-        &bytes[m.offset..m.offset + m.rows * m.row_bytes]
+    /// The bytes `m.gemm` multiplies (see [`Matrix::data`]).
+    pub fn data<'a>(&'a self, m: &'a Matrix) -> &'a [u8] {
+        m.data(self.file.bytes())
     }
 
     /// Runs the batch and returns the requested logits, `vocab_size` per row: for each sequence
@@ -219,13 +246,10 @@ impl Model {
 
         // Embeddings.
         s.x.resize(n * d, 0.0);
-        let embd = &w.tok_embd;
-        let embd_data = self.data(embd);
         for (t, row) in s.x.chunks_exact_mut(d).enumerate() {
             let (seq, pos) = s.tokens[t];
             let id = batch[seq].tokens[pos - batch[seq].start_pos] as usize;
-            let src = &embd_data[id * embd.row_bytes..(id + 1) * embd.row_bytes];
-            quant::dequantize_row(embd.ty, src, row)?;
+            w.tok_embd.dequantize_row(self.file.bytes(), id, row)?;
             if cfg.embed_scale != 1.0 {
                 row.iter_mut().for_each(|v| *v *= cfg.embed_scale);
             }
@@ -327,7 +351,17 @@ impl Model {
             ops::rms_norm_into(&mut s.xn, &s.x, &lw.ffn_norm, cfg.rms_eps);
             s.gate.resize(n * cfg.ffn_dim, 0.0);
             s.up.resize(n * cfg.ffn_dim, 0.0);
-            ops::matmul_many(
+            // Batched decode: the next layer's cache streams in while these (compute-bound)
+            // products run.
+            let next = il + 1;
+            let prefetch = |part: usize, parts: usize| {
+                for seq in batch.iter() {
+                    seq.kv.prefetch_layer(next, part, parts);
+                }
+            };
+            let side: Option<ops::SideFn<'_>> =
+                (n <= PREFETCH_MAX_TOKENS && next < cfg.n_layers).then_some(&prefetch);
+            ops::matmul_many_pf(
                 pool,
                 &mut [
                     self.job(&lw.ffn_gate, &mut s.gate),
@@ -336,13 +370,10 @@ impl Model {
                 &s.xn,
                 n,
                 &mut s.acts,
+                side,
             )?;
             match cfg.activation {
-                Activation::SwiGlu => {
-                    for (g, &u) in s.gate.iter_mut().zip(&s.up) {
-                        *g = ops::silu(*g) * u;
-                    }
-                }
+                Activation::SwiGlu => ops::swiglu(&mut s.gate, &s.up),
                 Activation::GeluTanhGlu => {
                     for (g, &u) in s.gate.iter_mut().zip(&s.up) {
                         *g = ops::gelu_tanh(*g) * u;

@@ -122,6 +122,26 @@ impl Weights {
     }
 }
 
+impl Weights {
+    /// Every matrix, the output head last (it may share its tensor with `tok_embd`).
+    pub fn matrices_mut(&mut self) -> impl Iterator<Item = &mut Matrix> {
+        self.layers
+            .iter_mut()
+            .flat_map(|l| {
+                [
+                    &mut l.wq,
+                    &mut l.wk,
+                    &mut l.wv,
+                    &mut l.wo,
+                    &mut l.ffn_gate,
+                    &mut l.ffn_up,
+                    &mut l.ffn_down,
+                ]
+            })
+            .chain([&mut self.tok_embd, &mut self.output])
+    }
+}
+
 fn matrix(g: &GgufFile, name: &str, rows: usize, cols: usize) -> Result<Matrix, ModelError> {
     let info = g
         .tensor_info(name)
@@ -150,6 +170,7 @@ fn matrix(g: &GgufFile, name: &str, rows: usize, cols: usize) -> Result<Matrix, 
         row_bytes,
         act_ty: quant::vec_dot_type(info.ty),
         gemm,
+        packed: None,
     })
 }
 

@@ -18,6 +18,7 @@ mod gemm_legacy;
 mod k_quants;
 mod k_quants_avx2;
 mod legacy;
+pub mod packed;
 mod panel;
 #[cfg(test)]
 mod tests;

@@ -52,7 +52,7 @@ pub(crate) fn panel_fn(ty: GgmlType) -> Option<super::TileFn> {
 
 #[cfg(target_arch = "x86_64")]
 #[allow(non_camel_case_types)]
-mod x86 {
+pub(super) mod x86 {
     use std::arch::x86_64::*;
 
     use super::{PG, PR, PT, T};
@@ -60,7 +60,7 @@ mod x86 {
     use crate::quant::k_quants::{k4_scales_mins, Q8_K_BSUMS, Q8_K_BYTES};
 
     /// One weight type's layout and decoding.
-    pub(super) trait Kind {
+    pub(crate) trait Kind {
         /// Elements per weight block (32, or 256 for the K-quants).
         const BLOCK: usize;
         /// Bytes per weight block.
@@ -93,6 +93,46 @@ mod x86 {
 
         /// Offset of sub-block `j`'s 32 quants inside an activation block.
         fn act_quants(j: usize) -> usize;
+
+        /// Bytes of one strip-block of the packed layout (`super::super::packed`): 8 rows × one
+        /// 32-element block, `8 · W_BYTES`; 0 for kinds that are never packed.
+        const PACK_BYTES: usize = 0;
+
+        /// Unpacks the packed strip-block at `p` into the 8 panel vectors (`v[k]`: elements
+        /// `4k..4k+4` of rows 0..8) and returns the rows' `(d, m)` scale vectors.
+        ///
+        /// # Safety
+        /// AVX2/FMA/F16C; `PACK_BYTES` readable bytes at `p` (never called when 0).
+        unsafe fn unpack(p: *const u8, v: &mut [__m256i; 8]) -> (__m256, __m256) {
+            let _ = (p, v);
+            (_mm256_setzero_ps(), _mm256_setzero_ps())
+        }
+    }
+
+    /// Scales of a packed strip-block: 8 f16 at `p` as f32.
+    ///
+    /// # Safety
+    /// AVX2/F16C; 16 readable bytes at `p`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn f16x8(p: *const u8) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p.cast::<__m128i>()))
+    }
+
+    /// The 8 nibble vectors of a packed 4-bit strip-block whose 4 packed vectors start at `q`:
+    /// low nibbles of packed vector `i` are panel vector `i`, high nibbles panel vector `i + 4`.
+    ///
+    /// # Safety
+    /// AVX2; 128 readable bytes at `q`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn unpack_nibbles(q: *const u8, v: &mut [__m256i; 8]) {
+        let m4 = _mm256_set1_epi8(0x0F);
+        for i in 0..4 {
+            let x = _mm256_loadu_si256(q.add(32 * i).cast::<__m256i>());
+            v[i] = _mm256_and_si256(x, m4);
+            v[i + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(x), m4);
+        }
     }
 
     #[inline]
@@ -138,7 +178,7 @@ mod x86 {
         out[0] = [d, c, 0.0, 0.0];
     }
 
-    pub(super) struct KQ4_0;
+    pub(crate) struct KQ4_0;
     impl Kind for KQ4_0 {
         const BLOCK: usize = 32;
         const W_BYTES: usize = 18;
@@ -155,9 +195,16 @@ mod x86 {
         fn act_quants(_: usize) -> usize {
             2
         }
+        const PACK_BYTES: usize = 8 * 18;
+        #[inline(always)]
+        unsafe fn unpack(p: *const u8, v: &mut [__m256i; 8]) -> (__m256, __m256) {
+            unpack_nibbles(p.add(16), v);
+            let d = f16x8(p);
+            (d, d)
+        }
     }
 
-    pub(super) struct KQ4_1;
+    pub(crate) struct KQ4_1;
     impl Kind for KQ4_1 {
         const BLOCK: usize = 32;
         const W_BYTES: usize = 20;
@@ -173,9 +220,15 @@ mod x86 {
         fn act_quants(_: usize) -> usize {
             4
         }
+        const PACK_BYTES: usize = 8 * 20;
+        #[inline(always)]
+        unsafe fn unpack(p: *const u8, v: &mut [__m256i; 8]) -> (__m256, __m256) {
+            unpack_nibbles(p.add(32), v);
+            (f16x8(p), f16x8(p.add(16)))
+        }
     }
 
-    pub(super) struct KQ5_0;
+    pub(crate) struct KQ5_0;
     impl Kind for KQ5_0 {
         const BLOCK: usize = 32;
         const W_BYTES: usize = 22;
@@ -194,9 +247,34 @@ mod x86 {
         fn act_quants(_: usize) -> usize {
             2
         }
+        const PACK_BYTES: usize = 8 * 22;
+        #[inline(always)]
+        unsafe fn unpack(p: *const u8, v: &mut [__m256i; 8]) -> (__m256, __m256) {
+            unpack_nibbles(p.add(48), v);
+            // Byte `4r + j` of the high-bit plane: bit k = 5th bit of element 4k + j of row r;
+            // moved to bit 4 of vector k by a 16-bit shift (bits never cross into the masked
+            // bit of the neighbouring byte for shifts up to 4).
+            let h = _mm256_loadu_si256(p.add(16).cast::<__m256i>());
+            let m16 = _mm256_set1_epi8(16);
+            let hb = [
+                _mm256_slli_epi16::<4>(h),
+                _mm256_slli_epi16::<3>(h),
+                _mm256_slli_epi16::<2>(h),
+                _mm256_slli_epi16::<1>(h),
+                h,
+                _mm256_srli_epi16::<1>(h),
+                _mm256_srli_epi16::<2>(h),
+                _mm256_srli_epi16::<3>(h),
+            ];
+            for (vk, hk) in v.iter_mut().zip(hb) {
+                *vk = _mm256_or_si256(*vk, _mm256_and_si256(hk, m16));
+            }
+            let d = f16x8(p);
+            (d, d)
+        }
     }
 
-    pub(super) struct KQ8_0;
+    pub(crate) struct KQ8_0;
     impl Kind for KQ8_0 {
         const BLOCK: usize = 32;
         const W_BYTES: usize = 34;
@@ -213,6 +291,14 @@ mod x86 {
         }
         fn act_quants(_: usize) -> usize {
             2
+        }
+        const PACK_BYTES: usize = 8 * 34;
+        #[inline(always)]
+        unsafe fn unpack(p: *const u8, v: &mut [__m256i; 8]) -> (__m256, __m256) {
+            for (k, vk) in v.iter_mut().enumerate() {
+                *vk = _mm256_loadu_si256(p.add(16 + 32 * k).cast::<__m256i>());
+            }
+            (f16x8(p), _mm256_setzero_ps())
         }
     }
 
@@ -443,6 +529,28 @@ mod x86 {
         }
     }
 
+    /// Unpacks strip-blocks `0..nbk` (`nbk <= PG`) of a packed strip at `p` into the panel.
+    ///
+    /// # Safety
+    /// AVX2/FMA/F16C; `K::BLOCK == 32` and `K::PACK_BYTES > 0`; `nbk · PACK_BYTES` readable bytes
+    /// at `p`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn unpack_strip<K: Kind>(nbk: usize, p: *const u8, panel: &mut Panel) {
+        debug_assert!(K::BLOCK == 32 && K::PACK_BYTES > 0 && nbk <= PG);
+        let mut v = [_mm256_setzero_si256(); 8];
+        for g in 0..nbk.min(PG) {
+            // SAFETY (caller): strip-block g is readable.
+            let (d, m) = K::unpack(p.add(g * K::PACK_BYTES), &mut v);
+            for (k, vk) in v.iter().enumerate() {
+                // SAFETY: `panel.q[g][k]` is 32 bytes, 32-aligned.
+                _mm256_store_si256(panel.q[g][k].as_mut_ptr().cast::<__m256i>(), *vk);
+            }
+            // SAFETY: `panel.s[g][c]` is 8 f32, 32-aligned.
+            _mm256_store_ps(panel.s[g][0].as_mut_ptr(), d);
+            _mm256_store_ps(panel.s[g][1].as_mut_ptr(), m);
+        }
+    }
+
     /// `res[t]` lane `r` = Σ over sub-blocks `0..ng` of panel row `r` · token `t`, for the `T`
     /// tokens whose quants (chunk start) are at `a[t]` (`A_BYTES` per block) and whose converted
     /// scales are `asc[t·PG + g]`.
@@ -456,7 +564,7 @@ mod x86 {
         p: &Panel,
         a: [*const u8; T],
         asc: &[[f32; 4]],
-    ) -> [__m256; T] {
+    ) -> [[f32; PR]; T] {
         let spb = K::BLOCK / 32;
         let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); T];
@@ -516,12 +624,46 @@ mod x86 {
                 }
             }
         }
-        acc
+        let mut res = [[0.0f32; PR]; T];
+        for (r, a) in res.iter_mut().zip(acc) {
+            // SAFETY: 8 f32 stored to an 8-f32 array.
+            _mm256_storeu_ps(r.as_mut_ptr(), a);
+        }
+        res
     }
 
     /// The [`super::super::TileFn`] over panels for kind `K` (see the module doc). Counts are
     /// clamped to what the slices hold; outputs outside `out` are skipped.
     pub(super) fn run<K: Kind>(
+        cols: usize,
+        w: &[u8],
+        n_rows: usize,
+        a: &[u8],
+        n_tok: usize,
+        out: &mut [f32],
+        out_stride: usize,
+    ) {
+        run_any::<K, false>(cols, w, n_rows, a, n_tok, out, out_stride);
+    }
+
+    /// [`run`] over weights in the packed layout (`super::super::packed`): `w` holds whole
+    /// 8-row strips; a partial strip at the end is ignored.
+    pub(crate) fn run_packed<K: Kind>(
+        cols: usize,
+        w: &[u8],
+        n_rows: usize,
+        a: &[u8],
+        n_tok: usize,
+        out: &mut [f32],
+        out_stride: usize,
+    ) {
+        if K::PACK_BYTES == 0 {
+            return;
+        }
+        run_any::<K, true>(cols, w, n_rows / PR * PR, a, n_tok, out, out_stride);
+    }
+
+    fn run_any<K: Kind, const PACKED: bool>(
         cols: usize,
         w: &[u8],
         n_rows: usize,
@@ -541,10 +683,10 @@ mod x86 {
         SCRATCH.with(|cell| match cell.try_borrow_mut() {
             Ok(mut s) => {
                 let s = s.get_or_insert_with(Box::default);
-                run_with::<K>(nb, w, n_rows, a, n_tok, out, out_stride, s);
+                run_with::<K, PACKED>(nb, w, n_rows, a, n_tok, out, out_stride, s);
             }
             // Not reached (kernels do not nest); kept for soundness of the borrow.
-            Err(_) => run_with::<K>(
+            Err(_) => run_with::<K, PACKED>(
                 nb,
                 w,
                 n_rows,
@@ -580,7 +722,7 @@ mod x86 {
 
     /// [`run`] with its buffers; `w` and `a` hold at least `n_rows` / `n_tok` whole rows.
     #[allow(clippy::too_many_arguments)]
-    fn run_with<K: Kind>(
+    fn run_with<K: Kind, const PACKED: bool>(
         nb: usize,
         w: &[u8],
         n_rows: usize,
@@ -610,11 +752,20 @@ mod x86 {
                 for r0 in (0..n_rows).step_by(PR) {
                     let nr = PR.min(n_rows - r0);
                     let ws = &w[r0 * w_row..(r0 + nr) * w_row];
-                    // SAFETY: AVX2/FMA/F16C checked; `ws` holds `nr` rows, each with blocks
-                    // c0..c0 + nbk (c0 + nbk <= nb); nbk·spb <= PG.
-                    unsafe {
-                        decode_strip::<K>(nbk, ws[c0 * K::W_BYTES..].as_ptr(), w_row, nr, panel)
-                    };
+                    if PACKED {
+                        // Whole strips only (`run_packed`): `ws` is one packed strip, its
+                        // strip-blocks c0..c0 + nbk lie inside it.
+                        let sb = &ws[c0 * K::PACK_BYTES..(c0 + nbk) * K::PACK_BYTES];
+                        // SAFETY: AVX2/FMA/F16C checked; `sb` holds nbk strip-blocks,
+                        // nbk <= PG (legacy kinds: one sub-block per block).
+                        unsafe { unpack_strip::<K>(nbk, sb.as_ptr(), panel) };
+                    } else {
+                        // SAFETY: AVX2/FMA/F16C checked; `ws` holds `nr` rows, each with
+                        // blocks c0..c0 + nbk (c0 + nbk <= nb); nbk·spb <= PG.
+                        unsafe {
+                            decode_strip::<K>(nbk, ws[c0 * K::W_BYTES..].as_ptr(), w_row, nr, panel)
+                        };
+                    }
                     for t0 in (0..ntc).step_by(T) {
                         let nt = T.min(ntc - t0);
                         // Tokens past `nt` repeat the last one (their results are dropped).
@@ -627,14 +778,19 @@ mod x86 {
                         // T·PG spare) filled for tokens t0..t0 + nt (the rest are stale or zero,
                         // for dropped lanes only).
                         let res = unsafe { strip_dot::<K>(ng, panel, a_ptr, &asc[t0 * PG..]) };
-                        for (i, v) in res.iter().enumerate().take(nt) {
-                            let mut lanes = [0.0f32; PR];
-                            // SAFETY: 8 f32 store to a local array.
-                            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *v) };
+                        for (i, lanes) in res.iter().enumerate().take(nt) {
                             let base = (tc + t0 + i) * out_stride + r0;
-                            for (r, &x) in lanes.iter().enumerate().take(nr) {
-                                if let Some(o) = out.get_mut(base + r) {
-                                    *o = if c0 == 0 { x } else { *o + x };
+                            if let Some(o) = out.get_mut(base..base + nr) {
+                                if c0 == 0 {
+                                    o.copy_from_slice(&lanes[..nr]);
+                                } else {
+                                    o.iter_mut().zip(lanes).for_each(|(o, x)| *o += x);
+                                }
+                            } else {
+                                for (r, &x) in lanes.iter().enumerate().take(nr) {
+                                    if let Some(o) = out.get_mut(base + r) {
+                                        *o = if c0 == 0 { x } else { *o + x };
+                                    }
                                 }
                             }
                         }
