@@ -1745,13 +1745,17 @@ impl KvStore {
         if !any_recompute {
             let failed = Mutex::new(Vec::new());
             self.pool.run_tasks(pending.len(), &|k, _| {
-                for l in 0..n_layers {
-                    if let Err(e) = read_chunk(k, l) {
-                        let idx = pending[k].0;
-                        tracing::warn!("chunk {idx}: layer {l} unreadable: {e}");
-                        failed.lock().unwrap_or_else(|e| e.into_inner()).push(idx);
-                        return;
-                    }
+                let (src, (idx, chunk)) = (files[k], &pending[k]);
+                let loaded = src.file.read_item(src.item).map_err(|e| e.to_string());
+                let set = loaded.and_then(|layers| {
+                    layers
+                        .into_iter()
+                        .enumerate()
+                        .try_for_each(|(l, b)| chunk.set_layer(l, b).map_err(|e| e.to_string()))
+                });
+                if let Err(e) = set {
+                    tracing::warn!("chunk {idx} unreadable: {e}");
+                    failed.lock().unwrap_or_else(|e| e.into_inner()).push(*idx);
                 }
             });
             out.failed_reads = failed.into_inner().unwrap_or_else(|e| e.into_inner());

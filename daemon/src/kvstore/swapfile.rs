@@ -42,9 +42,9 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
-
-use memmap2::Mmap;
 
 use super::durable::write_file_atomic_with;
 
@@ -70,6 +70,10 @@ const MAX_LZ4_RATIO: u64 = 256;
 const LZ4_RATIO_SLACK: u64 = 64;
 /// Writes go through a buffer of this size (a segment is thousands of small sections).
 const WRITE_BUFFER: usize = 1 << 20;
+/// Bytes read at open in one go; a longer header and table is read with a second read.
+const HEAD_READ: usize = 4096;
+/// At most this many buffers per vectored read (Linux's IOV_MAX).
+const MAX_IOV: usize = 1024;
 
 /// Why a swap file could not be written or read.
 #[derive(Debug, thiserror::Error)]
@@ -271,9 +275,11 @@ struct Item {
     stored_bytes: u64,
 }
 
-/// An open swap file, mapped read-only; header and tables validated on open.
+/// An open swap file; header and tables read and validated on open, sections read (with
+/// `pread`) as asked for.
 pub struct SwapFile {
-    map: Mmap,
+    file: File,
+    file_len: u64,
     version: u32,
     shape_hash: u64,
     items: Vec<Item>,
@@ -285,7 +291,7 @@ impl std::fmt::Debug for SwapFile {
         f.debug_struct("SwapFile")
             .field("version", &self.version)
             .field("items", &self.items.len())
-            .field("file_bytes", &self.map.len())
+            .field("file_bytes", &self.file_len)
             .finish()
     }
 }
@@ -302,6 +308,12 @@ fn le_u64(b: &[u8], at: usize) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[at..at + 8]);
     u64::from_le_bytes(a)
+}
+
+/// What [`parse`] made of the head of a file: its tables, or how many bytes of head it needs.
+enum Head {
+    Need(usize),
+    Parsed(Parsed),
 }
 
 struct Parsed {
@@ -335,9 +347,10 @@ fn check_section(
     Ok(end)
 }
 
-/// Validates a whole file image and returns its tables.
+/// Validates the head `b` of a file of `file_len` bytes (its first `min(file_len, n)`
+/// bytes for some n) and returns its tables, or how long a head they need.
 /// Every index below is checked against `b.len()` first, so this never panics.
-fn parse(b: &[u8]) -> Result<Parsed, SwapError> {
+fn parse(b: &[u8], file_len: u64) -> Result<Head, SwapError> {
     if b.len() < MAGIC.len() {
         return Err(if MAGIC.starts_with(b) {
             SwapError::Truncated
@@ -352,14 +365,13 @@ fn parse(b: &[u8]) -> Result<Parsed, SwapError> {
         return Err(SwapError::Truncated);
     }
     match le_u32(b, 8) {
-        VERSION => parse_v2(b),
-        VERSION_1 => parse_v1(b),
+        VERSION => parse_v2(b, file_len),
+        VERSION_1 => parse_v1(b, file_len),
         v => Err(SwapError::UnsupportedVersion(v)),
     }
 }
 
-fn parse_v2(b: &[u8]) -> Result<Parsed, SwapError> {
-    let file_len = b.len() as u64;
+fn parse_v2(b: &[u8], file_len: u64) -> Result<Head, SwapError> {
     if b.len() < FIXED_LEN {
         return Err(SwapError::Truncated);
     }
@@ -373,6 +385,9 @@ fn parse_v2(b: &[u8]) -> Result<Parsed, SwapError> {
     let data_start = table_end + CRC_LEN as u64;
     if data_start > file_len {
         return Err(SwapError::Truncated);
+    }
+    if data_start > b.len() as u64 {
+        return Ok(Head::Need(data_start as usize));
     }
     // Now data_start ≤ b.len(), so these fit in usize.
     let (sections_at, table_end) = (sections_at as usize, table_end as usize);
@@ -417,7 +432,8 @@ fn parse_v2(b: &[u8]) -> Result<Parsed, SwapError> {
             let lz4 = stored < raw;
             let what = || format!("item {i} section {s}");
             let end = check_section(&what, offset, stored, raw, lz4, file_len)?;
-            // offset, end ≤ file_len = b.len() and raw < 2^32: all fit in usize.
+            // offset, end ≤ file_len (the size of a file we read) and raw < 2^32: all fit
+            // in usize on the 64-bit targets this builds for.
             sections.push(Section {
                 offset: offset as usize,
                 stored: stored as usize,
@@ -435,17 +451,16 @@ fn parse_v2(b: &[u8]) -> Result<Parsed, SwapError> {
             file_len - offset
         )));
     }
-    Ok(Parsed {
+    Ok(Head::Parsed(Parsed {
         version: VERSION,
         shape_hash,
         items,
         sections,
-    })
+    }))
 }
 
 /// A version 1 file: one chunk, each layer an lz4 block at an explicit offset.
-fn parse_v1(b: &[u8]) -> Result<Parsed, SwapError> {
-    let file_len = b.len() as u64;
+fn parse_v1(b: &[u8], file_len: u64) -> Result<Head, SwapError> {
     if b.len() < V1_FIXED_LEN {
         return Err(SwapError::Truncated);
     }
@@ -461,6 +476,9 @@ fn parse_v1(b: &[u8]) -> Result<Parsed, SwapError> {
     let data_start = table_end + CRC_LEN as u64;
     if data_start > file_len {
         return Err(SwapError::Truncated);
+    }
+    if data_start > b.len() as u64 {
+        return Ok(Head::Need(data_start as usize));
     }
     let table_end = table_end as usize;
     if crc32fast::hash(&b[..table_end]) != le_u32(b, table_end) {
@@ -498,7 +516,7 @@ fn parse_v1(b: &[u8]) -> Result<Parsed, SwapError> {
             file_len - expect
         )));
     }
-    Ok(Parsed {
+    Ok(Head::Parsed(Parsed {
         version: VERSION_1,
         shape_hash,
         items: vec![Item {
@@ -507,34 +525,34 @@ fn parse_v1(b: &[u8]) -> Result<Parsed, SwapError> {
             stored_bytes,
         }],
         sections,
-    })
+    }))
 }
 
 impl SwapFile {
-    /// Opens and maps `path`, validating the header, the table crc and every section's
-    /// length against the file size. Pages are read in as sections are read, so opening a
-    /// large segment to read a few of its chunks costs only those.
+    /// Opens `path` and reads its header and tables, validating the table crc and every
+    /// section's length against the file size. Sections are read when asked for, so opening
+    /// a large segment to read a few of its chunks costs only those.
     pub fn open(path: &Path) -> Result<Self, SwapError> {
         let file = File::open(path)?;
-        let len = file.metadata()?.len();
-        if len < (V1_FIXED_LEN + CRC_LEN) as u64 {
-            // Too short to be a swap file; read it to report magic/version/truncation
-            // precisely, without mapping an empty or tiny file.
-            let b = std::fs::read(path)?;
-            parse(&b)?;
-            return Err(SwapError::Truncated);
-        }
-        // SAFETY: the map is read-only and private to this process. Swap files live in a
-        // 0700 directory owned by the daemon, are created 0600 under a temporary name and
-        // renamed into place once complete, and are never modified in place afterwards
-        // (a file is only ever replaced by renaming a new inode over its name, or deleted,
-        // which leaves this mapping intact). So the mapped bytes do not change or shrink
-        // while we hold them; and every read of them below is bounds-checked, so even
-        // unexpected content cannot cause an out-of-bounds access.
-        let map = unsafe { memmap2::MmapOptions::new().map(&file)? };
-        let p = parse(&map)?;
+        let file_len = file.metadata()?.len();
+        let mut head = vec![0u8; file_len.min(HEAD_READ as u64) as usize];
+        file.read_exact_at(&mut head, 0)?;
+        let p = match parse(&head, file_len)? {
+            Head::Parsed(p) => p,
+            Head::Need(n) => {
+                head.resize(n, 0);
+                file.read_exact_at(&mut head[HEAD_READ..], HEAD_READ as u64)?;
+                match parse(&head, file_len)? {
+                    Head::Parsed(p) => p,
+                    Head::Need(_) => {
+                        return Err(SwapError::Corrupt("header length changed".into()));
+                    }
+                }
+            }
+        };
         Ok(SwapFile {
-            map,
+            file,
+            file_len,
             version: p.version,
             shape_hash: p.shape_hash,
             items: p.items,
@@ -565,7 +583,7 @@ impl SwapFile {
 
     /// Size of the file on disk, in bytes.
     pub fn file_bytes(&self) -> u64 {
-        self.map.len() as u64
+        self.file_len
     }
 
     pub fn n_items(&self) -> usize {
@@ -618,16 +636,40 @@ impl SwapFile {
     /// A section's bytes, decompressed if need be and checked against its crc.
     pub fn read_section(&self, item: usize, section: usize) -> Result<Box<[u8]>, SwapError> {
         let s = self.section(item, section)?;
-        let src = self.stored(&s)?;
+        let stored = self.read_stored(&[s])?.pop().unwrap_or_default();
         let out: Box<[u8]> = if s.lz4 {
             let mut out = vec![0u8; s.raw].into_boxed_slice();
-            decompress(src, &mut out, item, section)?;
+            decompress(&stored, &mut out, item, section)?;
             out
         } else {
-            src.into()
+            stored.into_boxed_slice()
         };
         check_crc(&out, s.crc, item, section)?;
         Ok(out)
+    }
+
+    /// Every section of item `item`, each checked against its crc. An item's sections are
+    /// stored back to back, so when none is compressed this is one vectored read straight
+    /// into the buffers returned.
+    pub fn read_item(&self, item: usize) -> Result<Vec<Box<[u8]>>, SwapError> {
+        let it = self.item_entry(item)?;
+        let n = it.header.n_sections as usize;
+        let secs = self
+            .sections
+            .get(it.first..it.first + n)
+            .ok_or(SwapError::Truncated)?;
+        if secs.iter().any(|s| s.lz4) {
+            return (0..n).map(|s| self.read_section(item, s)).collect();
+        }
+        let bufs = self.read_stored(secs)?;
+        bufs.into_iter()
+            .zip(secs)
+            .enumerate()
+            .map(|(k, (b, s))| {
+                check_crc(&b, s.crc, item, k)?;
+                Ok(b.into_boxed_slice())
+            })
+            .collect()
     }
 
     /// Like [`Self::read_section`], into `out`, which must be exactly the section's raw
@@ -647,19 +689,88 @@ impl SwapFile {
                 got: out.len(),
             });
         }
-        let src = self.stored(&s)?;
         if s.lz4 {
-            decompress(src, out, item, section)?;
+            let stored = self.read_stored(&[s])?.pop().unwrap_or_default();
+            decompress(&stored, out, item, section)?;
         } else {
-            out.copy_from_slice(src);
+            self.file
+                .read_exact_at(out, s.offset as u64)
+                .map_err(eof_is_truncation)?;
         }
         check_crc(out, s.crc, item, section)
     }
 
-    fn stored(&self, s: &Section) -> Result<&[u8], SwapError> {
-        self.map
-            .get(s.offset..s.offset + s.stored)
-            .ok_or(SwapError::Truncated)
+    /// The stored bytes of `secs`, which lie back to back in the file, each in a buffer of
+    /// its own; read with as few `preadv` calls as the kernel allows, without zeroing the
+    /// buffers first.
+    fn read_stored(&self, secs: &[Section]) -> Result<Vec<Vec<u8>>, SwapError> {
+        let Some(first) = secs.first() else {
+            return Ok(Vec::new());
+        };
+        let mut bufs: Vec<Vec<u8>> = secs.iter().map(|s| Vec::with_capacity(s.stored)).collect();
+        let total: usize = secs.iter().map(|s| s.stored).sum();
+        let mut done = 0usize;
+        while done < total {
+            // The unread rest: whole buffers after a partly read one.
+            let mut iov = Vec::with_capacity(bufs.len().min(MAX_IOV));
+            let mut skip = done;
+            for (b, s) in bufs.iter_mut().zip(secs) {
+                if skip >= s.stored {
+                    skip -= s.stored;
+                    continue;
+                }
+                // SAFETY: `skip < s.stored ≤ b.capacity()`, so the pointer stays inside the
+                // buffer's allocation.
+                let base = unsafe { b.as_mut_ptr().add(skip) };
+                iov.push(libc::iovec {
+                    iov_base: base.cast(),
+                    iov_len: s.stored - skip,
+                });
+                skip = 0;
+                if iov.len() == MAX_IOV {
+                    break;
+                }
+            }
+            let at = libc::off_t::try_from(first.offset as u64 + done as u64)
+                .map_err(|_| SwapError::Corrupt("offset out of range".into()))?;
+            // SAFETY: every iovec points into the spare capacity of a buffer we own and
+            // hold mutably here, with a length that stays within it; `preadv` writes at most
+            // that many bytes to each and nothing else. The count fits in c_int (≤ MAX_IOV).
+            let r = unsafe {
+                libc::preadv(
+                    self.file.as_raw_fd(),
+                    iov.as_ptr(),
+                    iov.len() as libc::c_int,
+                    at,
+                )
+            };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e.into());
+            }
+            if r == 0 {
+                // The file ends before its table says: it changed under us.
+                return Err(SwapError::Truncated);
+            }
+            done += r as usize;
+        }
+        for (b, s) in bufs.iter_mut().zip(secs) {
+            // SAFETY: `preadv` fills its buffers in order and all `total` bytes were read,
+            // so the first `s.stored` bytes of every buffer are initialised.
+            unsafe { b.set_len(s.stored) };
+        }
+        Ok(bufs)
+    }
+}
+
+fn eof_is_truncation(e: std::io::Error) -> SwapError {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        SwapError::Truncated
+    } else {
+        SwapError::Io(e)
     }
 }
 
@@ -723,9 +834,14 @@ mod tests {
         ]
     }
 
+    /// Every section of every item (odd items with one vectored read, even ones section by
+    /// section, so damage is checked through both paths).
     fn read_all(f: &SwapFile) -> Result<Vec<Vec<Box<[u8]>>>, SwapError> {
         (0..f.n_items())
             .map(|i| {
+                if i % 2 == 1 {
+                    return f.read_item(i);
+                }
                 let n = f.item(i)?.n_sections as usize;
                 (0..n).map(|s| f.read_section(i, s)).collect()
             })
@@ -775,6 +891,11 @@ mod tests {
                 (spec.precision, spec.kind, spec.n_tokens, want.len())
             );
             assert_eq!(f.item_bytes(i).unwrap(), w.item_bytes[i]);
+            let whole: Vec<Box<[u8]>> = f.read_item(i).unwrap();
+            assert_eq!(whole.len(), want.len());
+            for (g, w) in whole.iter().zip(want.iter()) {
+                assert_eq!(&**g, w.as_slice());
+            }
             for (s, want) in want.iter().enumerate() {
                 assert_eq!(f.section_raw_len(i, s), Some(want.len()));
                 assert_eq!(&*f.read_section(i, s).unwrap(), want.as_slice());
@@ -823,7 +944,7 @@ mod tests {
     }
 
     #[test]
-    fn overwrite_replaces_and_keeps_old_mapping() {
+    fn overwrite_replaces_and_an_open_file_keeps_reading() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.kv");
         let a = vec![vec![1u8; 4000]];
@@ -840,7 +961,7 @@ mod tests {
         let new = SwapFile::open(&path).unwrap();
         assert_eq!(&*new.read_section(0, 0).unwrap(), &b[0][..]);
         assert_eq!(&*old.read_section(0, 0).unwrap(), &a[0][..]);
-        // Deleting the file leaves an open mapping readable too.
+        // Deleting the file leaves an open file readable too.
         std::fs::remove_file(&path).unwrap();
         assert_eq!(&*new.read_section(0, 0).unwrap(), &b[0][..]);
     }
@@ -1053,11 +1174,32 @@ mod tests {
                 section: 0
             })
         ));
+        assert!(matches!(
+            f.read_item(2),
+            Err(SwapError::Checksum {
+                item: 2,
+                section: 0
+            })
+        ));
         for (i, secs) in items.iter().enumerate().take(2) {
             for (s, want) in secs.iter().enumerate() {
                 assert_eq!(&*f.read_section(i, s).unwrap(), want.as_slice());
             }
+            assert_eq!(f.read_item(i).unwrap().len(), secs.len());
         }
+        // A file cut short after it was opened reads as truncated, never as short data.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(b.len() as u64 - 10)
+            .unwrap();
+        assert!(matches!(f.read_item(2), Err(SwapError::Truncated)));
+        let mut buf = vec![0u8; items[2][0].len()];
+        assert!(matches!(
+            f.read_section_into(2, 0, &mut buf),
+            Err(SwapError::Truncated)
+        ));
     }
 
     #[test]
@@ -1267,18 +1409,14 @@ mod tests {
             let t = Instant::now();
             let f = SwapFile::open(&seg).unwrap();
             for i in 0..CHUNKS {
-                for l in 0..LAYERS {
-                    std::hint::black_box(f.read_section(i, l).unwrap());
-                }
+                std::hint::black_box(f.read_item(i).unwrap());
             }
             drop(f);
             best_seg = best_seg.min(t.elapsed().as_secs_f64());
             let t = Instant::now();
             for p in &paths {
                 let f = SwapFile::open(p).unwrap();
-                for l in 0..LAYERS {
-                    std::hint::black_box(f.read_section(0, l).unwrap());
-                }
+                std::hint::black_box(f.read_item(0).unwrap());
             }
             best_files = best_files.min(t.elapsed().as_secs_f64());
         }
