@@ -47,6 +47,8 @@ pub const DEFAULT_PREFILL_SLICE: usize = 64;
 const KIND_SEALED: u8 = 0;
 const KIND_TAIL: u8 = 1;
 const KIND_WHOLE: u8 = 2;
+/// Segments kept open (header and tables read and checked) between restores.
+const OPEN_SEGMENTS: usize = 64;
 /// A segment being filled is queued for writing once its items hold this many bytes (a long
 /// prefill seals many chunks; their f16 masters should not wait in memory for the call's end).
 const SEGMENT_MAX_BYTES: u64 = 16 << 20;
@@ -466,6 +468,10 @@ pub struct KvStore {
     costs: RestoreCosts,
     scratch: Scratch,
     rng_state: u64,
+    /// Recently read segments, open: (app, num) → (file, last use). A segment is never
+    /// changed once written, so its tables stay valid until it is deleted.
+    open_segments: HashMap<(usize, u64), (Arc<SwapFile>, u64)>,
+    open_clock: u64,
 }
 
 impl KvStore {
@@ -509,6 +515,8 @@ impl KvStore {
             costs: default_costs(),
             scratch: Scratch::default(),
             rng_state: seed | 1,
+            open_segments: HashMap::new(),
+            open_clock: 0,
         };
         store.load_apps(&apps_dir)?;
         if store.cfg.fit_costs {
@@ -1257,6 +1265,7 @@ impl KvStore {
                 continue;
             }
             self.io_failures += 1;
+            self.close_file(a, num);
             let Some(app) = self.apps.get_mut(a) else {
                 continue;
             };
@@ -1369,6 +1378,9 @@ impl KvStore {
             .collect();
         for n in &dead {
             app.segments.remove(n);
+        }
+        for &n in &dead {
+            self.close_file(a, n);
         }
         let app = &self.apps[a];
         let manifest = AppManifest {
@@ -1490,16 +1502,15 @@ impl KvStore {
         nums.sort_unstable();
         nums.dedup();
         self.wait_files(a, &nums);
-        let files: HashMap<u64, Arc<SwapFile>> = nums
-            .iter()
-            .filter_map(|&num| match self.open_file(a, num) {
-                Ok(f) => Some((num, Arc::new(f))),
-                Err(e) => {
-                    tracing::warn!("swap file f{num} unusable, recomputing from it: {e}");
-                    None
+        let mut files: HashMap<u64, Arc<SwapFile>> = HashMap::with_capacity(nums.len());
+        for &num in &nums {
+            match self.open_file(a, num) {
+                Ok(f) => {
+                    files.insert(num, f);
                 }
-            })
-            .collect();
+                Err(e) => tracing::warn!("swap file f{num} unusable, recomputing from it: {e}"),
+            }
+        }
         let item_of = |f: &FileRef, kind: u8, p: Precision, sections: Option<(usize, usize)>| {
             let file = files.get(&f.num)?;
             match check_item(file, f.item as usize, kind, p, sections) {
@@ -1659,8 +1670,35 @@ impl KvStore {
             .is_some_and(|e| e.resident.is_some())
     }
 
-    fn open_file(&self, a: usize, num: u64) -> Result<SwapFile, swapfile::SwapError> {
-        SwapFile::open_for_shape(&self.file_path(a, num), shape_hash(self.shape))
+    /// Segment `num` of app `a`, open (kept open for the next restores that read it).
+    fn open_file(&mut self, a: usize, num: u64) -> Result<Arc<SwapFile>, swapfile::SwapError> {
+        self.open_clock += 1;
+        if let Some((f, used)) = self.open_segments.get_mut(&(a, num)) {
+            *used = self.open_clock;
+            return Ok(Arc::clone(f));
+        }
+        let f = Arc::new(SwapFile::open_for_shape(
+            &self.file_path(a, num),
+            shape_hash(self.shape),
+        )?);
+        if self.open_segments.len() >= OPEN_SEGMENTS {
+            let oldest = self
+                .open_segments
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(k, _)| *k);
+            if let Some(k) = oldest {
+                self.open_segments.remove(&k);
+            }
+        }
+        self.open_segments
+            .insert((a, num), (Arc::clone(&f), self.open_clock));
+        Ok(f)
+    }
+
+    /// Forgets an open segment (deleted, failed to write, or failed a read).
+    fn close_file(&mut self, a: usize, num: u64) {
+        self.open_segments.remove(&(a, num));
     }
 
     fn set_resident(&mut self, a: usize, id: u64, chunk: Arc<SealedChunk>) {
@@ -2239,8 +2277,8 @@ impl KvStore {
         let sections = Some((shape.n_layers, layer_bytes(shape, p)));
         check_item(&file, item, KIND_SEALED, p, sections).ok()?;
         let chunk = SealedChunk::empty(shape, p);
-        for l in 0..shape.n_layers {
-            chunk.set_layer(l, file.read_section(item, l).ok()?).ok()?;
+        for (l, b) in file.read_item(item).ok()?.into_iter().enumerate() {
+            chunk.set_layer(l, b).ok()?;
         }
         chunk.dequantize().ok()
     }
