@@ -34,6 +34,22 @@ pub(crate) fn tmp_path(path: &Path) -> PathBuf {
 /// an old file is never inherited), writes `parts`, fsyncs, and renames it to `path`.
 /// On failure the temporary file is removed (best effort).
 pub(crate) fn write_file_atomic(path: &Path, parts: &[&[u8]]) -> std::io::Result<u64> {
+    write_file_atomic_with(path, |f| {
+        let mut len = 0u64;
+        for p in parts {
+            f.write_all(p)?;
+            len += p.len() as u64;
+        }
+        Ok(len)
+    })
+}
+
+/// Like [`write_file_atomic`], with the content written by `fill` (which returns the bytes it
+/// wrote) into the fresh 0600 temporary file; then fsync and rename.
+pub(crate) fn write_file_atomic_with(
+    path: &Path,
+    fill: impl FnOnce(&mut File) -> std::io::Result<u64>,
+) -> std::io::Result<u64> {
     let tmp = tmp_path(path);
     match std::fs::remove_file(&tmp) {
         Ok(()) => {}
@@ -46,11 +62,7 @@ pub(crate) fn write_file_atomic(path: &Path, parts: &[&[u8]]) -> std::io::Result
             .create_new(true)
             .mode(0o600)
             .open(&tmp)?;
-        let mut len = 0u64;
-        for p in parts {
-            f.write_all(p)?;
-            len += p.len() as u64;
-        }
+        let len = fill(&mut f)?;
         f.sync_all()?;
         drop(f);
         std::fs::rename(&tmp, path)?;

@@ -24,6 +24,7 @@ enum Msg {
 
 pub struct IoThread {
     tx: Option<mpsc::Sender<Msg>>,
+    delay: Option<std::time::Duration>,
     done: Arc<Mutex<Vec<Done>>>,
     handle: Option<JoinHandle<()>>,
 }
@@ -39,13 +40,14 @@ impl IoThread {
             .ok()
             .and_then(|v| v.parse::<u64>().ok())
             .map(std::time::Duration::from_millis);
+        let job_delay = delay;
         let handle = std::thread::Builder::new()
             .name("llmsd-kv-io".into())
             .spawn(move || {
                 for msg in rx {
                     match msg {
                         Msg::Run(job) => {
-                            if let Some(d) = delay {
+                            if let Some(d) = job_delay {
                                 std::thread::sleep(d);
                             }
                             if let Some(d) = job() {
@@ -63,9 +65,16 @@ impl IoThread {
             })?;
         Ok(IoThread {
             tx: Some(tx),
+            delay,
             done,
             handle: Some(handle),
         })
+    }
+
+    /// The fault-injection delay (`LLMSD_FAULT_IO_DELAY_MS`) every job waits first, if set;
+    /// a job writing several things may wait it again between them.
+    pub fn fault_delay(&self) -> Option<std::time::Duration> {
+        self.delay
     }
 
     /// Queues a job; it reports a [`Done`] if it returns one.

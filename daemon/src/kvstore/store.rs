@@ -9,18 +9,23 @@
 //! on the I/O thread) followed by the app's manifest, and evicts under the budget.
 //!
 //! Files: `<state>/apps/<hex of app name>/manifest.json` and `f<N>.kv` swap files, 0600 in a
-//! 0700 directory. A manifest is replaced atomically after the files it names are durable; a
-//! file it names that is missing or fails its checksum is recomputed from the tokens.
+//! 0700 directory. A swap file is a *segment*: everything one call swapped out (its new
+//! chunks and their f16 masters, chunks it re-quantized, its tail), so a call costs one file,
+//! one fsync and one rename, and a restore opens each segment once however many of its chunks
+//! it reads. Chunks refer to (segment, item). A manifest is replaced atomically after the
+//! segments it names are durable; a segment no chunk, master, tail or whole-context copy
+//! refers to any more is deleted once a manifest without it is durable. A segment or a
+//! section of one that is missing or fails its checksum is recomputed from the tokens.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use llmsd_engine::kv::{KvCache, KvShape};
 use llmsd_engine::kvchunk::{
-    chunk_bytes, staged_bytes, ChunkError, ChunkSlot, ChunkedKv, Density, LayerGate, Precision,
-    SealedChunk, StagedChunk, CHUNK_TOKENS,
+    chunk_bytes, layer_bytes, staged_bytes, ChunkError, ChunkSlot, ChunkedKv, Density, LayerGate,
+    Precision, SealedChunk, StagedChunk, CHUNK_TOKENS,
 };
 use llmsd_engine::model::{Logits, Model, ModelError, Scratch, SeqBatch};
 use llmsd_engine::pool::ThreadPool;
@@ -31,7 +36,7 @@ use super::durable::{self, DurableError};
 use super::io::{Done, IoThread};
 use super::lctru::Lctru;
 use super::plan::{self, LinearCost, Missing, RestoreCosts};
-use super::swapfile::{self, ChunkFile, ChunkHeader};
+use super::swapfile::{self, ItemSpec, SwapFile};
 
 /// Average code width kept by the `llms` policy unless configured otherwise.
 pub const DEFAULT_AVG_BITS: f64 = 4.0;
@@ -42,6 +47,11 @@ pub const DEFAULT_PREFILL_SLICE: usize = 64;
 const KIND_SEALED: u8 = 0;
 const KIND_TAIL: u8 = 1;
 const KIND_WHOLE: u8 = 2;
+/// Segments kept open (header and tables read and checked) between restores.
+const OPEN_SEGMENTS: usize = 64;
+/// A segment being filled is queued for writing once its items hold this many bytes (a long
+/// prefill seals many chunks; their f16 masters should not wait in memory for the call's end).
+const SEGMENT_MAX_BYTES: u64 = 16 << 20;
 
 /// How the store keeps KV between calls; all are in one binary so they can be compared.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -166,10 +176,36 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// Where a chunk (or tail, or whole context) is on disk: item `item` of segment `f<num>.kv`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct FileRef {
     num: u64,
+    item: u32,
+    /// Raw bytes of the item.
     bytes: u64,
+}
+
+/// An item of a segment not yet queued for writing.
+enum PendingItem {
+    Sealed(Arc<SealedChunk>),
+    Tail {
+        n_tokens: usize,
+        bytes: Vec<u8>,
+    },
+    Whole {
+        n_tokens: usize,
+        chunks: Vec<Arc<SealedChunk>>,
+        tail: Option<Vec<u8>>,
+    },
+}
+
+/// The segment an app's current call is filling; queued for writing when the call closes
+/// (before the manifest naming it), when it grows past [`SEGMENT_MAX_BYTES`], or when
+/// something must wait for one of its items to be on disk.
+struct PendingSegment {
+    num: u64,
+    items: Vec<PendingItem>,
+    raw_bytes: u64,
 }
 
 struct ChunkEntry {
@@ -207,6 +243,9 @@ struct App {
     chunks: HashMap<u64, ChunkEntry>,
     next_file: u64,
     next_chunk: u64,
+    /// Segments of this app on disk or queued (deleted once nothing refers to them).
+    segments: BTreeSet<u64>,
+    pending: Option<PendingSegment>,
 }
 
 /// Eviction unit: (app, kind, id) with kind 0 = chunk, 1 = tail of a context, 2 = whole context.
@@ -314,8 +353,8 @@ struct CtxRecord {
     id: u64,
     tokens: Vec<u32>,
     chunks: Vec<u64>,
-    tail_file: Option<(u64, u64)>,
-    whole_file: Option<(u64, u64)>,
+    tail_file: Option<FileRec>,
+    whole_file: Option<FileRec>,
     created: u64,
     last_use: u64,
 }
@@ -324,8 +363,8 @@ struct CtxRecord {
 struct ChunkRecord {
     id: u64,
     precision: Precision,
-    file: Option<(u64, u64)>,
-    master: Option<(u64, u64)>,
+    file: Option<FileRec>,
+    master: Option<FileRec>,
     mass: f64,
     observations: u64,
     last_use: u64,
@@ -337,12 +376,28 @@ fn now_unix() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn fref(t: Option<(u64, u64)>) -> Option<FileRef> {
-    t.map(|(num, bytes)| FileRef { num, bytes })
+/// A file reference as a manifest keeps it: `[num, bytes, item]`, or `[num, bytes]` (item 0)
+/// as builds that wrote one file per chunk kept it.
+#[derive(Clone, Copy, Serialize, Deserialize)]
+#[serde(untagged)]
+enum FileRec {
+    Item(u64, u64, u32),
+    File(u64, u64),
 }
 
-fn tref(f: Option<FileRef>) -> Option<(u64, u64)> {
-    f.map(|f| (f.num, f.bytes))
+fn fref(t: Option<FileRec>) -> Option<FileRef> {
+    t.map(|r| match r {
+        FileRec::Item(num, bytes, item) => FileRef { num, item, bytes },
+        FileRec::File(num, bytes) => FileRef {
+            num,
+            item: 0,
+            bytes,
+        },
+    })
+}
+
+fn tref(f: Option<FileRef>) -> Option<FileRec> {
+    f.map(|f| FileRec::Item(f.num, f.bytes, f.item))
 }
 
 /// Context ids as apps see them.
@@ -420,6 +475,10 @@ pub struct KvStore {
     costs: RestoreCosts,
     scratch: Scratch,
     rng_state: u64,
+    /// Recently read segments, open: (app, num) → (file, last use). A segment is never
+    /// changed once written, so its tables stay valid until it is deleted.
+    open_segments: HashMap<(usize, u64), (Arc<SwapFile>, u64)>,
+    open_clock: u64,
 }
 
 impl KvStore {
@@ -463,6 +522,8 @@ impl KvStore {
             costs: default_costs(),
             scratch: Scratch::default(),
             rng_state: seed | 1,
+            open_segments: HashMap::new(),
+            open_clock: 0,
         };
         store.load_apps(&apps_dir)?;
         if store.cfg.fit_costs {
@@ -523,9 +584,11 @@ impl KvStore {
                 chunks: HashMap::new(),
                 next_file: m.next_file,
                 next_chunk: m.next_chunk,
+                segments: BTreeSet::new(),
+                pending: None,
             };
             for c in m.chunks {
-                let keep = |f: Option<(u64, u64)>| if same_model { fref(f) } else { None };
+                let keep = |f: Option<FileRec>| if same_model { fref(f) } else { None };
                 app.chunks.insert(
                     c.id,
                     ChunkEntry {
@@ -571,7 +634,7 @@ impl KvStore {
                         e.refs += 1;
                     }
                 }
-                let keep = |f: Option<(u64, u64)>| if same_model { fref(f) } else { None };
+                let keep = |f: Option<FileRec>| if same_model { fref(f) } else { None };
                 app.contexts.insert(
                     c.id,
                     Context {
@@ -596,18 +659,27 @@ impl KvStore {
         Ok(())
     }
 
-    /// Deletes swap files of `app` that its manifest does not name (left by a crash).
-    fn collect_garbage(&mut self, app: usize) {
-        let a = &self.apps[app];
+    /// The segments something of app `a` refers to.
+    fn live_segments(&self, a: usize) -> HashSet<u64> {
+        let app = &self.apps[a];
         let mut live = HashSet::new();
-        for e in a.chunks.values() {
+        for e in app.chunks.values() {
             live.extend(e.file.map(|f| f.num));
             live.extend(e.master.map(|f| f.num));
         }
-        for c in a.contexts.values() {
+        for c in app.contexts.values() {
             live.extend(c.tail.file.map(|f| f.num));
             live.extend(c.whole.map(|f| f.num));
         }
+        live
+    }
+
+    /// At start: deletes swap files of `app` that its manifest does not name (left by a
+    /// crash), and notes the ones it does.
+    fn collect_garbage(&mut self, app: usize) {
+        let live = self.live_segments(app);
+        let a = &mut self.apps[app];
+        a.segments = live.iter().copied().collect();
         let Ok(rd) = std::fs::read_dir(&a.dir) else {
             return;
         };
@@ -645,6 +717,8 @@ impl KvStore {
             chunks: HashMap::new(),
             next_file: 1,
             next_chunk: 1,
+            segments: BTreeSet::new(),
+            pending: None,
         });
         self.app_index.insert(app.to_string(), idx);
         Ok(idx)
@@ -692,7 +766,7 @@ impl KvStore {
             },
         );
         if tokens.is_empty() {
-            self.write_manifest(a, Vec::new());
+            self.write_manifest(a);
         } else {
             let name = format_id(id);
             let mut s = self.open_session(app, &name, tokens.len())?;
@@ -800,28 +874,25 @@ impl KvStore {
             )));
         }
         let ctx = self.apps[a].contexts.remove(&c);
-        let mut obsolete = Vec::new();
         if let Some(ctx) = ctx {
-            self.release_tail(a, c, &ctx.tail, &mut obsolete);
-            obsolete.extend(ctx.whole.map(|f| f.num));
+            self.release_tail(a, c, &ctx.tail);
             self.queue.remove((a as u32, EK_WHOLE, c));
             for id in ctx.chunks {
-                self.release_chunk(a, id, &mut obsolete);
+                self.release_chunk(a, id);
             }
         }
-        self.write_manifest(a, obsolete);
+        self.write_manifest(a);
         Ok(())
     }
 
-    fn release_tail(&mut self, a: usize, c: u64, tail: &Tail, obsolete: &mut Vec<u64>) {
+    fn release_tail(&mut self, a: usize, c: u64, tail: &Tail) {
         if tail.staged.is_some() {
             self.resident_bytes -= staged_bytes(self.shape) as u64;
         }
         self.queue.remove((a as u32, EK_TAIL, c));
-        obsolete.extend(tail.file.map(|f| f.num));
     }
 
-    fn release_chunk(&mut self, a: usize, id: u64, obsolete: &mut Vec<u64>) {
+    fn release_chunk(&mut self, a: usize, id: u64) {
         let app = &mut self.apps[a];
         let Some(e) = app.chunks.get_mut(&id) else {
             return;
@@ -834,8 +905,6 @@ impl KvStore {
             if let Some(r) = &e.resident {
                 self.resident_bytes -= r.resident_bytes() as u64;
             }
-            obsolete.extend(e.file.map(|f| f.num));
-            obsolete.extend(e.master.map(|f| f.num));
             self.queue.remove((a as u32, EK_CHUNK, id));
         }
     }
@@ -881,7 +950,7 @@ impl KvStore {
             self.write_tail(a, new_id);
         }
         self.note_peak();
-        self.write_manifest(a, Vec::new());
+        self.write_manifest(a);
         self.enforce_budget()?;
         Ok(format_id(new_id))
     }
@@ -903,7 +972,6 @@ impl KvStore {
         if len == cur {
             return Ok(());
         }
-        let mut obsolete = Vec::new();
         let keep_chunks = len / CHUNK_TOKENS;
         let ctx = self.apps[a].contexts.get_mut(&c);
         let Some(ctx) = ctx else {
@@ -912,16 +980,15 @@ impl KvStore {
         ctx.tokens.truncate(len);
         let dropped: Vec<u64> = ctx.chunks.drain(keep_chunks..).collect();
         let tail = std::mem::take(&mut ctx.tail);
-        let whole = ctx.whole.take();
-        obsolete.extend(whole.map(|f| f.num));
-        self.release_tail(a, c, &tail, &mut obsolete);
+        ctx.whole = None;
+        self.release_tail(a, c, &tail);
         // The new tail's KV is recomputed from its tokens on next use (at most 15 tokens):
         // cutting a quantized chunk would keep a lossy copy as the open, full-precision tail.
         for id in dropped {
-            self.release_chunk(a, id, &mut obsolete);
+            self.release_chunk(a, id);
         }
         self.queue.remove((a as u32, EK_WHOLE, c));
-        self.write_manifest(a, obsolete);
+        self.write_manifest(a);
         Ok(())
     }
 
@@ -1177,9 +1244,19 @@ impl KvStore {
         }
     }
 
-    /// Waits for a queued swap file before its memory copy is dropped.
+    /// Waits for a queued swap file before its memory copy is dropped (or it is read).
     fn wait_file(&mut self, a: usize, num: u64) {
-        if self.in_flight.contains(&(a, num)) {
+        self.wait_files(a, &[num]);
+    }
+
+    /// Waits until the segments `nums` of app `a` are on disk (or failed), queueing the one
+    /// being filled first if it is among them.
+    fn wait_files(&mut self, a: usize, nums: &[u64]) {
+        let pending = self.apps[a].pending.as_ref().map(|p| p.num);
+        if pending.is_some_and(|p| nums.contains(&p)) {
+            self.submit_segment(a);
+        }
+        if nums.iter().any(|&n| self.in_flight.contains(&(a, n))) {
             self.io.flush();
             self.drain_io();
         }
@@ -1195,6 +1272,7 @@ impl KvStore {
                 continue;
             }
             self.io_failures += 1;
+            self.close_file(a, num);
             let Some(app) = self.apps.get_mut(a) else {
                 continue;
             };
@@ -1221,58 +1299,60 @@ impl KvStore {
         self.apps[a].dir.join(format!("f{num}.kv"))
     }
 
-    fn header(&self, p: Precision, kind: u8, n_tokens: usize, n_layers: usize) -> ChunkHeader {
-        ChunkHeader {
-            precision: p.code(),
-            kind,
-            n_tokens: n_tokens as u16,
-            n_layers: n_layers as u32,
-            shape_hash: shape_hash(self.shape),
+    /// Adds an item to the segment app `a` is filling (starting one if need be); returns
+    /// where it will be. The segment is queued when the call closes (see
+    /// [`Self::write_manifest`]), or now if it has grown large.
+    fn add_item(&mut self, a: usize, item: PendingItem, raw_bytes: u64) -> FileRef {
+        self.bytes_written += raw_bytes;
+        let app = &mut self.apps[a];
+        let seg = match &mut app.pending {
+            Some(seg) => seg,
+            slot @ None => {
+                let num = app.next_file;
+                app.next_file += 1;
+                app.segments.insert(num);
+                self.in_flight.insert((a, num));
+                slot.insert(PendingSegment {
+                    num,
+                    items: Vec::new(),
+                    raw_bytes: 0,
+                })
+            }
+        };
+        let f = FileRef {
+            num: seg.num,
+            item: seg.items.len() as u32,
+            bytes: raw_bytes,
+        };
+        seg.items.push(item);
+        seg.raw_bytes += raw_bytes;
+        if seg.raw_bytes >= SEGMENT_MAX_BYTES {
+            self.submit_segment(a);
         }
+        f
     }
 
-    /// Queues a swap file; returns its reference (size estimated until written).
-    fn queue_file(
-        &mut self,
-        a: usize,
-        header: ChunkHeader,
-        layers: impl Fn() -> Vec<Vec<u8>> + Send + 'static,
-        raw_bytes: u64,
-    ) -> FileRef {
-        let num = self.apps[a].next_file;
-        self.apps[a].next_file += 1;
+    /// Queues the segment app `a` is filling for writing on the I/O thread.
+    fn submit_segment(&mut self, a: usize) {
+        let Some(seg) = self.apps[a].pending.take() else {
+            return;
+        };
         self.files_written += 1;
-        self.bytes_written += raw_bytes;
-        let path = self.file_path(a, num);
-        self.in_flight.insert((a, num));
-        let tag = ((a as u64) << 48) | num;
+        let path = self.file_path(a, seg.num);
+        let tag = ((a as u64) << 48) | seg.num;
+        let hash = shape_hash(self.shape);
+        let n_layers = self.shape.n_layers;
+        let delay = self.io.fault_delay();
         self.io.submit(move || {
-            let blobs = layers();
-            let refs: Vec<&[u8]> = blobs.iter().map(Vec::as_slice).collect();
-            let result = swapfile::write_chunk(&path, &header, &refs).map_err(|e| e.to_string());
+            let result = write_segment_items(&path, hash, n_layers, &seg.items, delay)
+                .map_err(|e| e.to_string());
             Some(Done { tag, result })
         });
-        FileRef {
-            num,
-            bytes: raw_bytes,
-        }
     }
 
     fn queue_sealed(&mut self, a: usize, chunk: &Arc<SealedChunk>) -> FileRef {
-        let n_layers = self.shape.n_layers;
-        let header = self.header(chunk.precision(), KIND_SEALED, CHUNK_TOKENS, n_layers);
-        let src = Arc::clone(chunk);
         let bytes = chunk.resident_bytes() as u64;
-        self.queue_file(
-            a,
-            header,
-            move || {
-                (0..n_layers)
-                    .map(|l| src.layer(l).map(<[u8]>::to_vec).unwrap_or_default())
-                    .collect()
-            },
-            bytes,
-        )
+        self.add_item(a, PendingItem::Sealed(Arc::clone(chunk)), bytes)
     }
 
     fn write_tail(&mut self, a: usize, c: u64) {
@@ -1283,18 +1363,32 @@ impl KvStore {
             return;
         };
         let bytes = staged.to_bytes();
-        let n = staged.n_tokens();
-        let header = self.header(Precision::F16, KIND_TAIL, n, 1);
+        let n_tokens = staged.n_tokens();
         let len = bytes.len() as u64;
-        let f = self.queue_file(a, header, move || vec![bytes.clone()], len);
+        let f = self.add_item(a, PendingItem::Tail { n_tokens, bytes }, len);
         if let Some(ctx) = self.apps[a].contexts.get_mut(&c) {
             ctx.tail.file = Some(f);
         }
     }
 
-    /// Queues the app's manifest after everything queued so far, then the deletion of files
-    /// it no longer names.
-    fn write_manifest(&mut self, a: usize, obsolete: Vec<u64>) {
+    /// Queues the segment app `a` is filling, then its manifest, then the deletion of the
+    /// segments nothing refers to any more (only once the manifest without them is durable).
+    fn write_manifest(&mut self, a: usize) {
+        self.submit_segment(a);
+        let live = self.live_segments(a);
+        let app = &mut self.apps[a];
+        let dead: Vec<u64> = app
+            .segments
+            .iter()
+            .copied()
+            .filter(|n| !live.contains(n))
+            .collect();
+        for n in &dead {
+            app.segments.remove(n);
+        }
+        for &n in &dead {
+            self.close_file(a, n);
+        }
         let app = &self.apps[a];
         let manifest = AppManifest {
             app: app.name.clone(),
@@ -1329,7 +1423,7 @@ impl KvStore {
                 .collect(),
         };
         let dir = app.dir.clone();
-        let paths: Vec<PathBuf> = obsolete.iter().map(|&n| self.file_path(a, n)).collect();
+        let paths: Vec<PathBuf> = dead.iter().map(|&n| self.file_path(a, n)).collect();
         self.io.submit(move || {
             let result = durable::sync_dir(&dir)
                 .and_then(|()| durable::write_json_atomic(&dir.join("manifest.json"), &manifest));
@@ -1370,6 +1464,7 @@ impl KvStore {
         let t_start = Instant::now();
         let mut report = RestoreReport::default();
         let shape = self.shape;
+        let policy = self.cfg.policy;
         let (n_chunks, n_tokens, tail_resident, tail_file, whole) = {
             let ctx = &self.apps[a].contexts[&c];
             (
@@ -1389,95 +1484,89 @@ impl KvStore {
             report.was_resident = true;
             return Ok(report);
         }
-        // Every file that will be read must be on disk first.
-        let mut needed: Vec<u64> = missing
-            .iter()
-            .filter_map(|&i| {
-                let id = self.apps[a].contexts[&c].chunks[i];
-                self.apps[a]
-                    .chunks
-                    .get(&id)
-                    .and_then(|e| e.file)
-                    .map(|f| f.num)
-            })
-            .collect();
-        needed.extend(tail_file.map(|f| f.num));
-        needed.extend(whole.map(|f| f.num));
-        if needed.iter().any(|n| self.in_flight.contains(&(a, *n))) {
-            self.io.flush();
-            self.drain_io();
-        }
-
-        // Sources: (chunk index → open file) for reads; the rest is recomputed.
-        let mut readable: Vec<(usize, Precision, ChunkFile)> = Vec::new();
-        let mut tail_staged: Option<Box<StagedChunk>> = None;
-        let mut whole_blobs: Option<(ChunkFile, Vec<usize>)> = None;
-        if self.cfg.policy == Policy::SwapWhole {
-            if let Some(f) = whole {
-                match self.open_file(a, f.num, KIND_WHOLE) {
-                    Ok(file) => whole_blobs = Some((file, missing.clone())),
-                    Err(e) => tracing::warn!("whole-context file unusable, recomputing: {e}"),
-                }
-            }
-        } else if self.cfg.policy.uses_chunk_files() {
-            let wanted: Vec<(usize, Precision, u64)> = missing
+        // What could be read: missing chunks with a swap copy, the tail, the whole context.
+        let wanted: Vec<(usize, Precision, FileRef)> = if policy.uses_chunk_files() {
+            missing
                 .iter()
                 .filter_map(|&i| {
                     let id = self.apps[a].contexts[&c].chunks[i];
                     let e = self.apps[a].chunks.get(&id)?;
-                    Some((i, e.precision, e.file?.num))
+                    Some((i, e.precision, e.file?))
                 })
-                .collect();
-            // Opening maps (and pages in) the whole file: two threads halve it.
-            let this = &*self;
-            let open_all = |part: &[(usize, Precision, u64)]| {
-                part.iter()
-                    .map(|&(i, p, num)| (i, p, num, this.open_file(a, num, KIND_SEALED)))
-                    .collect::<Vec<_>>()
-            };
-            let open_all = &open_all;
-            let opened: Vec<(usize, Precision, u64, Result<ChunkFile, String>)> =
-                std::thread::scope(|scope| {
-                    let half = wanted.len() / 2;
-                    let (first, second) = wanted.split_at(half);
-                    let other = scope.spawn(move || open_all(first));
-                    let mut mine = open_all(second);
-                    let mut all = other.join().unwrap_or_default();
-                    all.append(&mut mine);
-                    all
-                });
-            for (i, p, num, r) in opened {
-                match r {
-                    Ok(cf) if cf.header().precision == p.code() => readable.push((i, p, cf)),
-                    Ok(_) => tracing::warn!("swap file f{num} has the wrong precision"),
-                    Err(e) => tracing::warn!("swap file f{num} unusable, recomputing: {e}"),
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let tail_ref = tail_file.filter(|_| tail_missing && policy != Policy::Recompute);
+        let whole_ref = whole.filter(|_| policy == Policy::SwapWhole);
+        // Every segment that will be read must be on disk first; each is opened once.
+        let mut nums: Vec<u64> = wanted
+            .iter()
+            .map(|w| w.2.num)
+            .chain(tail_ref.map(|f| f.num))
+            .chain(whole_ref.map(|f| f.num))
+            .collect();
+        nums.sort_unstable();
+        nums.dedup();
+        self.wait_files(a, &nums);
+        let mut files: HashMap<u64, Arc<SwapFile>> = HashMap::with_capacity(nums.len());
+        for &num in &nums {
+            match self.open_file(a, num) {
+                Ok(f) => {
+                    files.insert(num, f);
                 }
+                Err(e) => tracing::warn!("swap file f{num} unusable, recomputing from it: {e}"),
             }
         }
-        if tail_missing {
-            if let Some(f) = tail_file.filter(|_| self.cfg.policy != Policy::Recompute) {
-                match self
-                    .open_file(a, f.num, KIND_TAIL)
-                    .and_then(|cf| cf.read_layer(0).map_err(|e| e.to_string()))
-                    .and_then(|b| StagedChunk::from_bytes(shape, &b).map_err(|e| e.to_string()))
-                {
-                    Ok(s) if s.n_tokens() == n_tokens % CHUNK_TOKENS => {
-                        report.bytes_read += f.bytes;
-                        tail_staged = Some(Box::new(s));
-                    }
-                    Ok(_) => tracing::warn!("tail file f{} has the wrong length", f.num),
-                    Err(e) => tracing::warn!("tail file f{} unusable, recomputing: {e}", f.num),
+        let item_of = |f: &FileRef, kind: u8, p: Precision, sections: Option<(usize, usize)>| {
+            let file = files.get(&f.num)?;
+            match check_item(file, f.item as usize, kind, p, sections) {
+                Ok(bytes) => Some(Src {
+                    file: Arc::clone(file),
+                    item: f.item as usize,
+                    bytes,
+                }),
+                Err(e) => {
+                    tracing::warn!("f{} item {} unusable, recomputing: {e}", f.num, f.item);
+                    None
                 }
+            }
+        };
+        let mut readable: Vec<(usize, Precision, Src)> = wanted
+            .iter()
+            .filter_map(|&(i, p, f)| {
+                let sections = (shape.n_layers, layer_bytes(shape, p));
+                Some((i, p, item_of(&f, KIND_SEALED, p, Some(sections))?))
+            })
+            .collect();
+
+        let mut tail_staged: Option<Box<StagedChunk>> = None;
+        if let Some(src) = tail_ref.and_then(|f| item_of(&f, KIND_TAIL, Precision::F16, None)) {
+            match src
+                .file
+                .read_section(src.item, 0)
+                .map_err(|e| e.to_string())
+                .and_then(|b| StagedChunk::from_bytes(shape, &b).map_err(|e| e.to_string()))
+            {
+                Ok(s) if s.n_tokens() == n_tokens % CHUNK_TOKENS => {
+                    report.bytes_read += src.bytes;
+                    tail_staged = Some(Box::new(s));
+                }
+                Ok(_) => tracing::warn!("tail has the wrong length, recomputing it"),
+                Err(e) => tracing::warn!("tail unusable, recomputing it: {e}"),
             }
         }
 
-        // swap-whole: the one file has one blob per chunk (all layers) and the tail last.
-        if let Some((file, idx)) = whole_blobs {
+        // swap-whole: one item with a section per chunk (all layers) and the tail last.
+        if let Some(src) = whole_ref.and_then(|f| item_of(&f, KIND_WHOLE, Precision::F16, None)) {
             let mut ok = true;
             let mut loaded = Vec::new();
-            for &i in &idx {
+            for &i in &missing {
                 let id = self.apps[a].contexts[&c].chunks[i];
-                let blob = file.read_layer(i).map_err(|e| e.to_string());
+                let blob = src
+                    .file
+                    .read_section(src.item, i)
+                    .map_err(|e| e.to_string());
                 let chunk = blob.and_then(|b| {
                     sealed_from_concat(shape, Precision::F16, &b).map_err(|e| e.to_string())
                 });
@@ -1491,8 +1580,9 @@ impl KvStore {
                 }
             }
             if ok && tail_missing {
-                match file
-                    .read_layer(n_chunks)
+                match src
+                    .file
+                    .read_section(src.item, n_chunks)
                     .map_err(|e| e.to_string())
                     .and_then(|b| StagedChunk::from_bytes(shape, &b).map_err(|e| e.to_string()))
                 {
@@ -1501,13 +1591,14 @@ impl KvStore {
                 }
             }
             if ok {
-                report.bytes_read += file.file_bytes();
+                report.bytes_read += src.bytes;
                 report.chunks_read += loaded.len();
                 for (id, ch) in loaded {
                     self.set_resident(a, id, ch);
                 }
             }
         }
+        drop(files);
 
         // Plan: which missing chunks to recompute (the rest are read), pipelined.
         let still_missing: Vec<usize> = missing
@@ -1516,12 +1607,12 @@ impl KvStore {
             .filter(|&i| !self.chunk_resident(a, c, i))
             .collect();
         let mut recompute: Vec<bool> = vec![true; still_missing.len()];
-        if self.cfg.policy == Policy::Llms {
+        if policy == Policy::Llms {
             let items: Vec<Missing> = still_missing
                 .iter()
                 .map(|&i| Missing {
                     tokens: CHUNK_TOKENS,
-                    disk_bytes: readable.iter().find(|r| r.0 == i).map(|r| r.2.file_bytes()),
+                    disk_bytes: readable.iter().find(|r| r.0 == i).map(|r| r.2.bytes),
                 })
                 .collect();
             let p = plan::plan(&items, &self.costs);
@@ -1532,7 +1623,7 @@ impl KvStore {
                 recompute[k] = !readable.iter().any(|r| r.0 == i);
             }
         }
-        let mut to_read: Vec<(usize, Precision, ChunkFile)> = Vec::new();
+        let mut to_read: Vec<(usize, Precision, Src)> = Vec::new();
         for (k, &i) in still_missing.iter().enumerate() {
             if !recompute[k] {
                 if let Some(pos) = readable.iter().position(|r| r.0 == i) {
@@ -1550,6 +1641,7 @@ impl KvStore {
         tracing::debug!(
             prepare_ms = t_start.elapsed().as_secs_f64() * 1e3,
             reads = to_read.len(),
+            segments = nums.len(),
             "restore planned"
         );
         // At most two rounds: a read that fails its checksum is recomputed in the second.
@@ -1585,13 +1677,35 @@ impl KvStore {
             .is_some_and(|e| e.resident.is_some())
     }
 
-    fn open_file(&self, a: usize, num: u64, kind: u8) -> Result<ChunkFile, String> {
-        let cf = ChunkFile::open(&self.file_path(a, num)).map_err(|e| e.to_string())?;
-        let h = cf.header();
-        if h.shape_hash != shape_hash(self.shape) || h.kind != kind {
-            return Err(format!("f{num} is for another model shape or kind"));
+    /// Segment `num` of app `a`, open (kept open for the next restores that read it).
+    fn open_file(&mut self, a: usize, num: u64) -> Result<Arc<SwapFile>, swapfile::SwapError> {
+        self.open_clock += 1;
+        if let Some((f, used)) = self.open_segments.get_mut(&(a, num)) {
+            *used = self.open_clock;
+            return Ok(Arc::clone(f));
         }
-        Ok(cf)
+        let f = Arc::new(SwapFile::open_for_shape(
+            &self.file_path(a, num),
+            shape_hash(self.shape),
+        )?);
+        if self.open_segments.len() >= OPEN_SEGMENTS {
+            let oldest = self
+                .open_segments
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(k, _)| *k);
+            if let Some(k) = oldest {
+                self.open_segments.remove(&k);
+            }
+        }
+        self.open_segments
+            .insert((a, num), (Arc::clone(&f), self.open_clock));
+        Ok(f)
+    }
+
+    /// Forgets an open segment (deleted, failed to write, or failed a read).
+    fn close_file(&mut self, a: usize, num: u64) {
+        self.open_segments.remove(&(a, num));
     }
 
     fn set_resident(&mut self, a: usize, id: u64, chunk: Arc<SealedChunk>) {
@@ -1611,12 +1725,13 @@ impl KvStore {
 
     /// Reads `to_read` layer by layer on a loader thread while the engine recomputes
     /// `recompute` (chunk indices) from tokens; the recompute waits for a layer only when it
-    /// attends to a chunk still being read.
+    /// attends to a chunk still being read. With nothing to recompute, the engine's (idle)
+    /// threads read, a chunk per task.
     fn read_and_recompute(
         &mut self,
         a: usize,
         c: u64,
-        to_read: &[(usize, Precision, ChunkFile)],
+        to_read: &[(usize, Precision, Src)],
         recompute: &[usize],
         tail_staged: Option<Box<StagedChunk>>,
     ) -> Result<RoundOutcome> {
@@ -1639,10 +1754,16 @@ impl KvStore {
             gate.advance(n_layers);
         }
         // Slot list in position order: resident, pending, or None (recompute).
+        let mut pending_at: Vec<Option<usize>> = vec![None; n_chunks];
+        for (k, (i, _)) in pending.iter().enumerate() {
+            if let Some(slot) = pending_at.get_mut(*i) {
+                *slot = Some(k);
+            }
+        }
         let mut layout: Vec<Option<ChunkSlot>> = Vec::with_capacity(n_chunks + 1);
         for (i, id) in chunk_ids.iter().enumerate() {
-            if let Some((_, ch)) = pending.iter().find(|(j, _)| *j == i) {
-                layout.push(Some(ChunkSlot::Sealed(Arc::clone(ch))));
+            if let Some(k) = pending_at[i] {
+                layout.push(Some(ChunkSlot::Sealed(Arc::clone(&pending[k].1))));
             } else if recompute.contains(&i) {
                 layout.push(None);
             } else {
@@ -1656,14 +1777,37 @@ impl KvStore {
         if has_tail {
             layout.push(tail_staged.map(ChunkSlot::Staged));
         }
-        let files: Vec<&ChunkFile> = to_read.iter().map(|(_, _, f)| f).collect();
+        let files: Vec<&Src> = to_read.iter().map(|(_, _, f)| f).collect();
         let any_recompute = layout.iter().any(Option::is_none);
-        // With nothing to recompute the engine threads are idle: read on two threads.
-        let n_loaders = if any_recompute || pending.len() < 2 {
-            1
-        } else {
-            2
+        let read_chunk = |k: usize, l: usize| -> Result<(), String> {
+            let (src, chunk) = (files[k], &pending[k].1);
+            let b = src
+                .file
+                .read_section(src.item, l)
+                .map_err(|e| e.to_string())?;
+            chunk.set_layer(l, b).map_err(|e| e.to_string())
         };
+        if !any_recompute {
+            let failed = Mutex::new(Vec::new());
+            self.pool.run_tasks(pending.len(), &|k, _| {
+                let (src, (idx, chunk)) = (files[k], &pending[k]);
+                let loaded = src.file.read_item(src.item).map_err(|e| e.to_string());
+                let set = loaded.and_then(|layers| {
+                    layers
+                        .into_iter()
+                        .enumerate()
+                        .try_for_each(|(l, b)| chunk.set_layer(l, b).map_err(|e| e.to_string()))
+                });
+                if let Err(e) = set {
+                    tracing::warn!("chunk {idx} unreadable: {e}");
+                    failed.lock().unwrap_or_else(|e| e.into_inner()).push(*idx);
+                }
+            });
+            out.failed_reads = failed.into_inner().unwrap_or_else(|e| e.into_inner());
+            let slots = layout.into_iter().flatten().collect();
+            return self.adopt(a, c, out, (slots, 0), &pending, to_read);
+        }
+        let n_loaders = 1;
         let progress: Vec<std::sync::atomic::AtomicUsize> =
             (0..n_loaders).map(|_| Default::default()).collect();
         let model = Arc::clone(&self.model);
@@ -1676,22 +1820,19 @@ impl KvStore {
             let loaders: Vec<_> = (0..n_loaders)
                 .filter(|_| !pending.is_empty())
                 .map(|t| {
-                    let (pending, files, gate) = (&pending, &files, Arc::clone(&loader_gate));
+                    let (pending, gate, read_chunk) =
+                        (&pending, Arc::clone(&loader_gate), &read_chunk);
                     scope.spawn(move || -> Vec<usize> {
                         // A chunk that fails is skipped from then on; the others are still
                         // read to the end, so a second round only recomputes what failed.
                         let mut failed = Vec::new();
                         for l in 0..n_layers {
                             let mine = pending.iter().enumerate().skip(t).step_by(n_loaders);
-                            for (k, (idx, chunk)) in mine {
+                            for (k, (idx, _)) in mine {
                                 if failed.contains(idx) {
                                     continue;
                                 }
-                                let ok = files[k]
-                                    .read_layer(l)
-                                    .map_err(|e| e.to_string())
-                                    .and_then(|b| chunk.set_layer(l, b).map_err(|e| e.to_string()));
-                                if let Err(e) = ok {
+                                if let Err(e) = read_chunk(k, l) {
                                     tracing::warn!("chunk {idx}: layer {l} unreadable: {e}");
                                     failed.push(*idx);
                                     gate.fail(format!("chunk {idx} failed to load: {e}"));
@@ -1766,18 +1907,15 @@ impl KvStore {
             run_result.map(|()| (slots, recomputed))
         });
         let failed_reads = std::mem::take(&mut out.failed_reads);
-        let (slots, recomputed) = match result {
+        let done = match result {
             Ok(v) => v,
             // A recompute that waited on a failed read: keep every chunk that did load and
             // recompute the rest in the next round.
             Err(StoreError::Model(ModelError::Kv(_))) if !failed_reads.is_empty() => {
-                for (i, ch) in &pending {
+                for (k, (i, ch)) in pending.iter().enumerate() {
                     if ch.is_complete() && !failed_reads.contains(i) {
                         out.read_ok += 1;
-                        out.bytes_read += to_read
-                            .iter()
-                            .find(|r| r.0 == *i)
-                            .map_or(0, |r| r.2.file_bytes());
+                        out.bytes_read += to_read[k].2.bytes;
                         self.set_resident(a, chunk_ids[*i], Arc::clone(ch));
                     }
                 }
@@ -1787,7 +1925,30 @@ impl KvStore {
             Err(e) => return Err(e),
         };
         out.failed_reads = failed_reads;
-        // Adopt what was read and recomputed.
+        self.adopt(a, c, out, done, &pending, to_read)
+    }
+
+    /// Makes what a round read and recomputed resident: `slots` in position order (the
+    /// context's chunks, then its tail), `recomputed` chunks of them recomputed.
+    fn adopt(
+        &mut self,
+        a: usize,
+        c: u64,
+        mut out: RoundOutcome,
+        (slots, recomputed): (Vec<ChunkSlot>, usize),
+        pending: &[(usize, Arc<SealedChunk>)],
+        to_read: &[(usize, Precision, Src)],
+    ) -> Result<RoundOutcome> {
+        let shape = self.shape;
+        let chunk_ids = self.apps[a].contexts[&c].chunks.clone();
+        let n_chunks = chunk_ids.len();
+        // Bytes of each chunk read in this round, by position.
+        let mut read_bytes: Vec<Option<u64>> = vec![None; n_chunks];
+        for (k, (i, _)) in pending.iter().enumerate() {
+            if let Some(b) = read_bytes.get_mut(*i) {
+                *b = Some(to_read[k].2.bytes);
+            }
+        }
         for (i, slot) in slots.into_iter().enumerate() {
             if i < n_chunks {
                 let id = chunk_ids[i];
@@ -1799,12 +1960,9 @@ impl KvStore {
                                 .get(&id)
                                 .and_then(|e| e.resident.clone());
                             if was.is_none() {
-                                if pending.iter().any(|(j, _)| *j == i) {
+                                if let Some(b) = read_bytes[i] {
                                     out.read_ok += 1;
-                                    out.bytes_read += to_read
-                                        .iter()
-                                        .find(|r| r.0 == i)
-                                        .map_or(0, |r| r.2.file_bytes());
+                                    out.bytes_read += b;
                                 }
                                 self.set_resident(a, id, ch);
                             }
@@ -1950,7 +2108,6 @@ impl KvStore {
         let slots = kv.into_slots();
         let shape = self.shape;
         let policy = self.cfg.policy;
-        let mut obsolete = Vec::new();
         let mut changed: Vec<u64> = Vec::new();
         let Some(ctx) = self.apps[a].contexts.get_mut(&c) else {
             self.pinned.remove(&(a, c));
@@ -1962,7 +2119,7 @@ impl KvStore {
         let old_chunks = ctx.chunks.len();
         // Old tail is superseded when tokens were added.
         if !appended.is_empty() {
-            obsolete.extend(ctx.tail.file.take().map(|f| f.num));
+            ctx.tail.file = None;
         }
         let mut tail: Option<Box<StagedChunk>> = None;
         let now = now_unix();
@@ -2028,13 +2185,9 @@ impl KvStore {
             Policy::Recompute => {}
             Policy::SwapWhole => {
                 if !appended.is_empty() || self.apps[a].contexts[&c].whole.is_none() {
-                    obsolete.extend(
-                        self.apps[a]
-                            .contexts
-                            .get_mut(&c)
-                            .and_then(|x| x.whole.take())
-                            .map(|f| f.num),
-                    );
+                    if let Some(x) = self.apps[a].contexts.get_mut(&c) {
+                        x.whole = None;
+                    }
                     self.write_whole(a, c);
                 }
             }
@@ -2048,13 +2201,13 @@ impl KvStore {
                     }
                 }
             }
-            Policy::Llms => self.rebalance(a, c, &mut obsolete)?,
+            Policy::Llms => self.rebalance(a, c)?,
         }
         let tail_stale = !appended.is_empty() || self.apps[a].contexts[&c].tail.file.is_none();
         if !matches!(policy, Policy::SwapWhole | Policy::Recompute) && tail_stale {
             self.write_tail(a, c);
         }
-        self.write_manifest(a, obsolete);
+        self.write_manifest(a);
         self.pinned.remove(&(a, c));
         self.requeue_context(a, c);
         self.enforce_budget()
@@ -2083,7 +2236,7 @@ impl KvStore {
 
     /// `llms`: chooses every chunk's precision under the ratio and re-quantizes this
     /// context's chunks whose level changed, always from their f16 master.
-    fn rebalance(&mut self, a: usize, c: u64, obsolete: &mut Vec<u64>) -> Result<()> {
+    fn rebalance(&mut self, a: usize, c: u64) -> Result<()> {
         // Global ranking over every app's chunks.
         let mut keys = Vec::new();
         let mut dens = Vec::new();
@@ -2131,7 +2284,7 @@ impl KvStore {
                 .get(&id)
                 .is_some_and(|e| e.resident.is_some());
             if let Some(e) = self.apps[a].chunks.get_mut(&id) {
-                obsolete.extend(e.file.replace(f).map(|f| f.num));
+                e.file = Some(f);
                 e.precision = want;
             }
             if was_resident {
@@ -2141,19 +2294,30 @@ impl KvStore {
         Ok(())
     }
 
+    /// A chunk's f16 master, from the segment being filled if it is there (sealed in this
+    /// call), else from disk.
     fn read_master(&mut self, a: usize, id: u64) -> Option<StagedChunk> {
         let f = self.apps[a].chunks.get(&id)?.master?;
+        if let Some(seg) = self.apps[a].pending.as_ref().filter(|p| p.num == f.num) {
+            return match seg.items.get(f.item as usize) {
+                Some(PendingItem::Sealed(ch)) => ch.dequantize().ok(),
+                _ => None,
+            };
+        }
         self.wait_file(a, f.num);
-        let cf = self.open_file(a, f.num, KIND_SEALED).ok()?;
-        let chunk = SealedChunk::empty(self.shape, Precision::F16);
-        for l in 0..self.shape.n_layers {
-            chunk.set_layer(l, cf.read_layer(l).ok()?).ok()?;
+        let file = self.open_file(a, f.num).ok()?;
+        let (shape, p) = (self.shape, Precision::F16);
+        let item = f.item as usize;
+        let sections = Some((shape.n_layers, layer_bytes(shape, p)));
+        check_item(&file, item, KIND_SEALED, p, sections).ok()?;
+        let chunk = SealedChunk::empty(shape, p);
+        for (l, b) in file.read_item(item).ok()?.into_iter().enumerate() {
+            chunk.set_layer(l, b).ok()?;
         }
         chunk.dequantize().ok()
     }
 
     fn write_whole(&mut self, a: usize, c: u64) {
-        let shape = self.shape;
         let Some(ctx) = self.apps[a].contexts.get(&c) else {
             return;
         };
@@ -2166,35 +2330,18 @@ impl KvStore {
             return;
         }
         let tail = ctx.tail.staged.as_ref().map(|t| t.to_bytes());
-        let n_blobs = chunks.len() + usize::from(tail.is_some());
-        let header = self.header(
-            Precision::F16,
-            KIND_WHOLE,
-            ctx.tokens.len().min(u16::MAX as usize),
-            n_blobs,
-        );
+        let n_tokens = ctx.tokens.len();
         let bytes: u64 = chunks
             .iter()
             .map(|c| c.resident_bytes() as u64)
             .sum::<u64>()
             + tail.as_ref().map_or(0, |t| t.len() as u64);
-        let f = self.queue_file(
-            a,
-            header,
-            move || {
-                let mut blobs: Vec<Vec<u8>> = chunks
-                    .iter()
-                    .map(|ch| {
-                        (0..shape.n_layers)
-                            .flat_map(|l| ch.layer(l).unwrap_or_default().to_vec())
-                            .collect()
-                    })
-                    .collect();
-                blobs.extend(tail.clone());
-                blobs
-            },
-            bytes,
-        );
+        let item = PendingItem::Whole {
+            n_tokens,
+            chunks,
+            tail,
+        };
+        let f = self.add_item(a, item, bytes);
         if let Some(ctx) = self.apps[a].contexts.get_mut(&c) {
             ctx.whole = Some(f);
         }
@@ -2359,34 +2506,34 @@ impl KvStore {
         staged.set_tokens(CHUNK_TOKENS);
         let chunk = SealedChunk::quantize(&staged, Precision::Int4)?;
         let mut io = Vec::new();
+        let internal = |e: swapfile::SwapError| StoreError::Internal(e.to_string());
+        let layers: Vec<&[u8]> = (0..shape.n_layers)
+            .map(|l| chunk.layer(l).unwrap_or_default())
+            .collect();
         for &n in &[1usize, 8, 1, 8] {
-            let mut paths = Vec::new();
-            let mut bytes = 0u64;
-            for k in 0..n {
-                let p = dir.join(format!("c{k}.kv"));
-                let layers: Vec<&[u8]> = (0..shape.n_layers)
-                    .map(|l| chunk.layer(l).unwrap_or_default())
-                    .collect();
-                bytes += swapfile::write_chunk(
-                    &p,
-                    &self.header(Precision::Int4, KIND_SEALED, 16, shape.n_layers),
-                    &layers,
-                )
-                .map_err(|e| StoreError::Internal(e.to_string()))?;
-                paths.push(p);
-            }
+            // A segment of n chunks, read back whole (as a restore reads a call's chunks).
+            let p = dir.join(format!("s{n}.kv"));
+            let item = ItemSpec {
+                precision: Precision::Int4.code(),
+                kind: KIND_SEALED,
+                n_tokens: CHUNK_TOKENS as u16,
+                sections: layers.clone(),
+            };
+            let items = vec![item; n];
+            let w = swapfile::write_segment(&p, shape_hash(shape), &items, &mut |_| {})
+                .map_err(internal)?;
             let t = Instant::now();
-            for p in &paths {
-                let cf = ChunkFile::open(p).map_err(|e| StoreError::Internal(e.to_string()))?;
+            let file = SwapFile::open(&p).map_err(internal)?;
+            for i in 0..n {
                 let target = SealedChunk::empty(shape, Precision::Int4);
                 for l in 0..shape.n_layers {
-                    let b = cf
-                        .read_layer(l)
-                        .map_err(|e| StoreError::Internal(e.to_string()))?;
-                    target.set_layer(l, b)?;
+                    target.set_layer(l, file.read_section(i, l).map_err(internal)?)?;
                 }
             }
-            io.push((bytes as f64, t.elapsed().as_secs_f64()));
+            io.push((
+                w.item_bytes.iter().sum::<u64>() as f64,
+                t.elapsed().as_secs_f64(),
+            ));
         }
         let _ = std::fs::remove_dir_all(&dir);
         let costs = RestoreCosts {
@@ -2396,6 +2543,67 @@ impl KvStore {
         tracing::info!(?costs, "KV restore cost models fitted");
         Ok(costs)
     }
+}
+
+/// Writes a segment's items (on the I/O thread): a sealed chunk is one section per layer, a
+/// tail one section, a whole context one section per chunk (its layers back to back) and
+/// one for its tail. `delay` (fault injection) slows each item after the first down, so a
+/// crash test can kill the process while the segment is being written.
+fn write_segment_items(
+    path: &Path,
+    hash: u64,
+    n_layers: usize,
+    items: &[PendingItem],
+    delay: Option<Duration>,
+) -> Result<u64, swapfile::SwapError> {
+    let concat = |ch: &SealedChunk| -> Vec<u8> {
+        (0..n_layers)
+            .flat_map(|l| ch.layer(l).unwrap_or_default().iter().copied())
+            .collect()
+    };
+    let wholes: Vec<Vec<Vec<u8>>> = items
+        .iter()
+        .map(|it| match it {
+            PendingItem::Whole { chunks, .. } => chunks.iter().map(|c| concat(c)).collect(),
+            _ => Vec::new(),
+        })
+        .collect();
+    let specs: Vec<ItemSpec> = items
+        .iter()
+        .zip(&wholes)
+        .map(|(it, blobs)| match it {
+            PendingItem::Sealed(ch) => ItemSpec {
+                precision: ch.precision().code(),
+                kind: KIND_SEALED,
+                n_tokens: CHUNK_TOKENS as u16,
+                sections: (0..n_layers)
+                    .map(|l| ch.layer(l).unwrap_or_default())
+                    .collect(),
+            },
+            PendingItem::Tail { n_tokens, bytes } => ItemSpec {
+                precision: Precision::F16.code(),
+                kind: KIND_TAIL,
+                n_tokens: (*n_tokens).min(u16::MAX as usize) as u16,
+                sections: vec![bytes.as_slice()],
+            },
+            PendingItem::Whole { n_tokens, tail, .. } => ItemSpec {
+                precision: Precision::F16.code(),
+                kind: KIND_WHOLE,
+                n_tokens: (*n_tokens).min(u16::MAX as usize) as u16,
+                sections: blobs
+                    .iter()
+                    .map(Vec::as_slice)
+                    .chain(tail.as_deref())
+                    .collect(),
+            },
+        })
+        .collect();
+    let mut pace = |i: usize| {
+        if let Some(d) = delay.filter(|_| i > 0) {
+            std::thread::sleep(d);
+        }
+    };
+    Ok(swapfile::write_segment(path, hash, &specs, &mut pace)?.file_bytes)
 }
 
 /// Whether an eviction unit's swap file is still queued.
@@ -2413,6 +2621,44 @@ fn key_in_flight(apps: &[App], in_flight: &HashSet<(usize, u64)>, key: EvictKey)
         _ => app.contexts.get(&id).and_then(|c| c.whole),
     };
     file.is_some_and(|f| in_flight.contains(&(a, f.num)))
+}
+
+/// An item to read: its open segment, its index there, its bytes on disk.
+struct Src {
+    file: Arc<SwapFile>,
+    item: usize,
+    bytes: u64,
+}
+
+/// Checks that item `item` of `file` is what the store expects (its kind, its precision and,
+/// for a chunk, `n` sections of `len` bytes each); returns its bytes on disk.
+fn check_item(
+    file: &SwapFile,
+    item: usize,
+    kind: u8,
+    p: Precision,
+    sections: Option<(usize, usize)>,
+) -> Result<u64, String> {
+    let h = file.item(item).map_err(|e| e.to_string())?;
+    if h.kind != kind || h.precision != p.code() {
+        return Err(format!(
+            "item is kind {} at precision {}, expected kind {kind} at {}",
+            h.kind,
+            h.precision,
+            p.code()
+        ));
+    }
+    if let Some((n, len)) = sections {
+        let ok = h.n_sections as usize == n
+            && (0..n).all(|s| file.section_raw_len(item, s) == Some(len));
+        if !ok {
+            return Err(format!(
+                "item does not have {n} sections of {len} bytes (it has {})",
+                h.n_sections
+            ));
+        }
+    }
+    file.item_bytes(item).map_err(|e| e.to_string())
 }
 
 #[derive(Default)]

@@ -13,6 +13,7 @@ use llmsd_engine::kvchunk::{Precision, SealedChunk};
 
 use super::plan::{LinearCost, RestoreCosts};
 use super::store::*;
+use super::swapfile;
 
 struct Fixture {
     model: Arc<Model>,
@@ -229,29 +230,116 @@ fn kv_files(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// Segment `f<num>.kv` of the one app in `dir`.
+fn segment(dir: &Path, num: u64) -> PathBuf {
+    let files = kv_files(dir);
+    let name = format!("f{num}.kv");
+    files
+        .into_iter()
+        .find(|f| f.file_name().is_some_and(|n| n == name.as_str()))
+        .unwrap_or_else(|| panic!("no {name} in {}", dir.display()))
+}
+
 #[test]
-fn damaged_and_missing_swap_files_are_recomputed() {
+fn damaged_sections_and_missing_segments_are_recomputed() {
     let text = &fixture().text;
     let dir = tempdir();
     let mut store = open(dir.path(), Policy::Paged);
+    // One call writes one segment: six chunks in f1, then two more in f2.
     let id = store.create_context("app", &text[..96]).expect("create");
+    let mut s = store.open_session("app", &id, 32).expect("session");
+    store
+        .forward(&mut s, &text[96..128], Logits::None)
+        .expect("forward");
+    store.close_session(s).expect("close");
     let (resident, _) = probe(&mut store, "app", &id, PROBE);
     let before = store.resident_chunks("app", &id);
     store.evict_context("app", &id).expect("evict");
     let files = kv_files(dir.path());
-    assert_eq!(files.len(), 6, "six chunk files: {files:?}");
-    // Flip a byte deep inside one file, delete another.
-    let victim = &files[1];
-    let mut bytes = std::fs::read(victim).unwrap();
-    let mid = bytes.len() * 2 / 3;
-    bytes[mid] ^= 0x55;
-    std::fs::write(victim, &bytes).unwrap();
-    std::fs::remove_file(&files[4]).unwrap();
+    assert_eq!(files.len(), 2, "one segment per call: {files:?}");
+    // Flip a byte inside chunk 1's layer 7 (the other chunks of f1 stay readable) and
+    // delete f2 (chunks 6 and 7).
+    let f1 = segment(dir.path(), 1);
+    let range = swapfile::SwapFile::open(&f1)
+        .unwrap()
+        .section_range(1, 7)
+        .unwrap();
+    let mut bytes = std::fs::read(&f1).unwrap();
+    bytes[(range.start + range.end) as usize / 2] ^= 0x55;
+    std::fs::write(&f1, &bytes).unwrap();
+    std::fs::remove_file(segment(dir.path(), 2)).unwrap();
     let (restored, r) = probe(&mut store, "app", &id, PROBE);
-    assert_eq!(r.chunks_recomputed, 2, "{r:?}");
-    assert_eq!(r.chunks_read, 4, "{r:?}");
-    compare_chunks(&before, &store.resident_chunks("app", &id), &[0, 2, 3, 5]);
+    assert_eq!(r.chunks_recomputed, 3, "{r:?}");
+    assert_eq!(r.chunks_read, 5, "{r:?}");
+    compare_chunks(
+        &before,
+        &store.resident_chunks("app", &id),
+        &[0, 2, 3, 4, 5],
+    );
     assert_close(&resident, &restored, 0.02);
+    // A segment header damaged while the daemon was down (a running store keeps the
+    // segments it read open, tables checked): every chunk in it is recomputed.
+    store.flush();
+    drop(store);
+    let mut store = open(dir.path(), Policy::Paged);
+    let mut bytes = std::fs::read(&f1).unwrap();
+    bytes[30] ^= 0x01;
+    std::fs::write(&f1, &bytes).unwrap();
+    let (restored, r) = probe(&mut store, "app", &id, PROBE);
+    assert_eq!((r.chunks_read, r.chunks_recomputed), (0, 8), "{r:?}");
+    assert_close(&resident, &restored, 0.02);
+}
+
+#[test]
+fn segments_are_deleted_once_nothing_refers_to_them() {
+    let text = &fixture().text;
+    let dir = tempdir();
+    let names = |dir: &Path| -> Vec<String> {
+        kv_files(dir)
+            .iter()
+            .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+            .collect()
+    };
+    let mut store = open(dir.path(), Policy::Paged);
+    // f1: chunks 0 and 1 and the 8-token tail; f2: chunk 2 (the tail in f1 is superseded,
+    // its chunks keep f1 alive).
+    let a = store.create_context("app", &text[..40]).unwrap();
+    let mut s = store.open_session("app", &a, 8).unwrap();
+    store.forward(&mut s, &text[40..48], Logits::None).unwrap();
+    store.close_session(s).unwrap();
+    store.flush();
+    assert_eq!(names(dir.path()), ["f1.kv", "f2.kv"]);
+    // A fork shares every chunk: deleting the original frees nothing.
+    let b = store.fork("app", &a).unwrap();
+    store.delete("app", &a).unwrap();
+    store.flush();
+    assert_eq!(names(dir.path()), ["f1.kv", "f2.kv"]);
+    // Truncating to one chunk drops chunks 1 and 2: f2 goes, f1 still holds chunk 0.
+    store.truncate("app", &b, 20).unwrap();
+    store.flush();
+    assert_eq!(names(dir.path()), ["f1.kv"]);
+    let (p1, r) = probe(&mut store, "app", &b, PROBE);
+    assert_eq!(store.tokens("app", &b).unwrap(), &text[..20]);
+    let fresh = store.create_context("app", &text[..20]).unwrap();
+    let (p2, _) = probe(&mut store, "app", &fresh, PROBE);
+    assert_close(&p1, &p2, 0.02);
+    assert!(r.was_resident || r.chunks_recomputed <= 1, "{r:?}");
+    store.delete("app", &b).unwrap();
+    store.delete("app", &fresh).unwrap();
+    store.flush();
+    assert!(names(dir.path()).is_empty(), "{:?}", names(dir.path()));
+    // Files no manifest names (a crash between a segment and its manifest) go at start.
+    let c = store.create_context("app", &text[..32]).unwrap();
+    store.flush();
+    drop(store);
+    let app_dir = kv_files(dir.path())[0].parent().unwrap().to_path_buf();
+    std::fs::write(app_dir.join("f77.kv"), b"stray").unwrap();
+    std::fs::write(app_dir.join("f78.kv.tmp"), b"torn").unwrap();
+    let mut store = open(dir.path(), Policy::Paged);
+    assert!(!app_dir.join("f77.kv").exists() && !app_dir.join("f78.kv.tmp").exists());
+    store.evict_context("app", &c).unwrap();
+    let (_, r) = probe(&mut store, "app", &c, PROBE);
+    assert_eq!((r.chunks_read, r.chunks_recomputed), (2, 0), "{r:?}");
 }
 
 #[test]
