@@ -150,7 +150,7 @@ pub fn default_socket(system: bool) -> PathBuf {
     }
     match std::env::var_os("XDG_RUNTIME_DIR") {
         Some(d) if !d.is_empty() => PathBuf::from(d).join("llmsd/llmsd.sock"),
-        _ => std::env::temp_dir().join(format!("llmsd-{}/llmsd.sock", unsafe_free_uid())),
+        _ => std::env::temp_dir().join(format!("llmsd-{}/llmsd.sock", own_uid())),
     }
 }
 
@@ -168,7 +168,7 @@ pub fn default_state_dir(system: bool) -> PathBuf {
 }
 
 /// The daemon's own uid.
-fn unsafe_free_uid() -> u32 {
+fn own_uid() -> u32 {
     // SAFETY: getuid has no preconditions and cannot fail.
     unsafe { libc::getuid() }
 }

@@ -242,13 +242,7 @@ impl Service {
     }
 
     pub fn tokenize(&self, req: &TokenizeRequest) -> Result<Vec<u32>, ApiError> {
-        if req.text.len() > self.inner.cfg.max_prompt_bytes {
-            return Err(ApiError::invalid(format!(
-                "text of {} bytes exceeds the limit of {} bytes",
-                req.text.len(),
-                self.inner.cfg.max_prompt_bytes
-            )));
-        }
+        self.check_size("text", req.text.len())?;
         Ok(self.inner.tokenizer.encode(&req.text, false, req.special))
     }
 
@@ -277,7 +271,7 @@ impl Service {
         req: CreateContext,
     ) -> Result<ContextInfo, ApiError> {
         if let Some(s) = &req.system {
-            self.check_text(s)?;
+            self.check_size("prompt", s.len())?;
         }
         match self
             .op(Op::Create {
@@ -342,12 +336,12 @@ impl Service {
         }
     }
 
-    fn check_text(&self, s: &str) -> Result<(), ApiError> {
-        if s.len() > self.inner.cfg.max_prompt_bytes {
+    /// Texts callers send are bounded by `max_prompt_bytes`.
+    fn check_size(&self, what: &str, bytes: usize) -> Result<(), ApiError> {
+        let limit = self.inner.cfg.max_prompt_bytes;
+        if bytes > limit {
             return Err(ApiError::invalid(format!(
-                "prompt of {} bytes exceeds the limit of {} bytes",
-                s.len(),
-                self.inner.cfg.max_prompt_bytes
+                "{what} of {bytes} bytes exceeds the limit of {limit} bytes"
             )));
         }
         Ok(())
@@ -361,12 +355,7 @@ impl Service {
             llmsd_ipc::PromptInput::Text(t) => t.len(),
             llmsd_ipc::PromptInput::Messages(m) => m.iter().map(|m| m.content.len()).sum(),
         };
-        if bytes > self.inner.cfg.max_prompt_bytes {
-            return Err(ApiError::invalid(format!(
-                "prompt of {bytes} bytes exceeds the limit of {} bytes",
-                self.inner.cfg.max_prompt_bytes
-            )));
-        }
+        self.check_size("prompt", bytes)?;
         let m = &self.inner.metrics;
         if m.queued.load(Ordering::Relaxed) as usize >= self.inner.cfg.max_queued {
             m.note_error(ErrorCode::Busy);

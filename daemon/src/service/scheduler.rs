@@ -669,11 +669,8 @@ impl Scheduler {
             self.running[*i].session = Some(s);
         }
         Metrics::add(&self.metrics.engine_steps_total, 1);
-        self.cost.observe(
-            t0.elapsed().as_secs_f64(),
-            decoders,
-            full_budget.saturating_sub(budget) * usize::from(decoders > 0),
-        );
+        self.cost
+            .observe(t0.elapsed().as_secs_f64(), decoders, full_budget - budget);
         let logits = match result {
             Ok(l) => l,
             Err(e) => {
