@@ -7,6 +7,7 @@ use llmsd_ipc::Priority;
 use serde::Deserialize;
 
 use crate::kvstore::Policy;
+use crate::service::identity::AdminPolicy;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -41,6 +42,8 @@ pub struct ConfigFile {
     /// `session`, `system` or `off`.
     pub bus: Option<String>,
     pub threads: Option<usize>,
+    /// Members of this group (and root, and the daemon's own uid) may use admin verbs.
+    pub admin_group: Option<String>,
     pub kv: KvSection,
     pub scheduler: SchedulerSection,
     /// Per-app settings, by app name.
@@ -143,6 +146,28 @@ pub fn http_addr(
     Ok(Some(addr))
 }
 
+/// Resolves the admin group (if any) into the policy the doors check callers against.
+pub fn admin_policy(group: Option<&str>) -> Result<AdminPolicy, ConfigError> {
+    let mut policy = AdminPolicy {
+        daemon_uid: own_uid(),
+        ..AdminPolicy::default()
+    };
+    let Some(name) = group else {
+        return Ok(policy);
+    };
+    let g = nix::unistd::Group::from_name(name)
+        .map_err(|e| ConfigError::Invalid(format!("admin_group {name:?}: {e}")))?
+        .ok_or_else(|| ConfigError::Invalid(format!("admin_group {name:?}: no such group")))?;
+    policy.admin_gid = Some(g.gid.as_raw());
+    for member in &g.mem {
+        match nix::unistd::User::from_name(member) {
+            Ok(Some(u)) => policy.member_uids.push(u.uid.as_raw()),
+            _ => tracing::warn!("admin_group {name:?}: member {member:?} is not a known user"),
+        }
+    }
+    Ok(policy)
+}
+
 /// Default paths of DESIGN.md: per user, or system-wide.
 pub fn default_socket(system: bool) -> PathBuf {
     if system {
@@ -176,6 +201,15 @@ fn own_uid() -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn admin_group_resolves_or_is_refused() {
+        let p = admin_policy(Some("root")).unwrap();
+        assert_eq!(p.admin_gid, Some(0));
+        assert_eq!(p.daemon_uid, own_uid());
+        assert!(admin_policy(Some("no-such-group-llmsd")).is_err());
+        assert_eq!(admin_policy(None).unwrap().admin_gid, None);
+    }
 
     #[test]
     fn full_file_parses() {

@@ -122,6 +122,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         .filter_map(|(name, app)| app.priority.map(|p| (name.clone(), p)))
         .collect();
 
+    svc.admin = config::admin_policy(file.admin_group.as_deref())?;
+
     let t0 = std::time::Instant::now();
     let path = oneshot::resolve_model(&model_arg.model)?;
     let loaded = oneshot::load(&model_arg)?;

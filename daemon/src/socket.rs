@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use llmsd_ipc::frame::{self, FrameError};
 use llmsd_ipc::{
-    ApiError, ClientFrame, ErrorCode, Event, Request, Response, ServerFrame, PROTOCOL_VERSION,
+    ApiError, ClientFrame, Door, ErrorCode, Event, Request, Response, ServerFrame, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
@@ -161,8 +161,9 @@ async fn connection(service: Service, stream: UnixStream) -> io::Result<()> {
             None
         }
         Some((_, app)) => {
-            match Caller::user(cred.uid(), cred.gid(), cred.pid().map(|p| p as u32), &app) {
-                Ok(c) => Some(c),
+            let pid = cred.pid().map(|p| p as u32);
+            match Caller::user(Door::Socket, cred.uid(), cred.gid(), pid, &app) {
+                Ok(c) => Some(c.with_admin(service.is_admin(cred.uid(), cred.gid()))),
                 Err(e) => {
                     let _ = out.send(ServerFrame::Error { id: None, error: e });
                     None

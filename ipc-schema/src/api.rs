@@ -3,6 +3,43 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The interface a caller came through (quotas can allow or refuse each).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Door {
+    Socket,
+    Dbus,
+    Http,
+}
+
+impl Door {
+    pub const ALL: [Door; 3] = [Door::Socket, Door::Dbus, Door::Http];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Door::Socket => "socket",
+            Door::Dbus => "dbus",
+            Door::Http => "http",
+        }
+    }
+}
+
+impl std::fmt::Display for Door {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Door {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Door::ALL
+            .into_iter()
+            .find(|d| d.name() == s)
+            .ok_or_else(|| format!("door must be socket, dbus or http, got {s:?}"))
+    }
+}
+
 /// A method call on the socket door.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "method", content = "params", rename_all = "snake_case")]

@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 
 use futures_util::StreamExt;
 use llmsd_ipc::{
-    ApiError, ChatMessage, CreateContext, ErrorCode, GenerationParams, PromptInput, PromptRequest,
-    TokenizeRequest, DBUS_NAME, DBUS_PATH,
+    ApiError, ChatMessage, CreateContext, Door, ErrorCode, GenerationParams, PromptInput,
+    PromptRequest, TokenizeRequest, DBUS_NAME, DBUS_PATH,
 };
 use zbus::fdo::{ConnectionCredentials, RequestNameFlags, RequestNameReply};
 use zbus::message::Header;
@@ -335,7 +335,9 @@ impl Llm1 {
         validate_app(app)?;
         let sender = Self::sender(hdr)?;
         let c = self.creds(conn, &sender).await?;
-        Ok((Caller::user(c.uid, c.gid, c.pid, app)?, sender))
+        let caller = Caller::user(Door::Dbus, c.uid, c.gid, c.pid, app)?;
+        let admin = self.service.is_admin(c.uid, c.gid);
+        Ok((caller.with_admin(admin), sender))
     }
 
     /// Starts a streamed generation; its signals go to the caller once the reply (the

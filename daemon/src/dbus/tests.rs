@@ -12,7 +12,7 @@ use futures_util::StreamExt;
 use llmsd_engine::model::Model;
 use llmsd_engine::pool::ThreadPool;
 use llmsd_engine::tokenizer::Tokenizer;
-use llmsd_ipc::{Completion, ContextInfo, Health, ModelInfo, DBUS_INTROSPECTION_XML};
+use llmsd_ipc::{Completion, ContextInfo, Door, Health, ModelInfo, DBUS_INTROSPECTION_XML};
 use serde_json::Value;
 
 use super::client::Llm1ClientProxy;
@@ -173,7 +173,7 @@ impl Fixture {
     fn me(&self, app: &str) -> Caller {
         let uid = unsafe { libc::getuid() };
         let gid = unsafe { libc::getgid() };
-        Caller::user(uid, gid, Some(std::process::id()), app).expect("caller")
+        Caller::user(Door::Dbus, uid, gid, Some(std::process::id()), app).expect("caller")
     }
 }
 

@@ -2,7 +2,7 @@
 //! API key) and the app name the caller claims, scoped so that apps of different users (or
 //! of the HTTP door) can never name each other's contexts.
 
-use llmsd_ipc::ApiError;
+use llmsd_ipc::{ApiError, Door};
 
 /// Longest app name a caller may claim.
 pub const MAX_APP_NAME: usize = 48;
@@ -25,16 +25,35 @@ pub enum Principal {
 pub struct Caller {
     pub principal: Principal,
     pub app: String,
+    /// The door the call came through.
+    pub door: Door,
+    /// May use admin verbs (root, the daemon's own uid, or the configured admin group; never
+    /// an HTTP caller).
+    pub admin: bool,
 }
 
 impl Caller {
-    /// A local process claiming `app`.
-    pub fn user(uid: u32, gid: u32, pid: Option<u32>, app: &str) -> Result<Self, ApiError> {
+    /// A local process claiming `app`, through the socket or D-Bus door. Not an admin until
+    /// [`Self::with_admin`] says so.
+    pub fn user(
+        door: Door,
+        uid: u32,
+        gid: u32,
+        pid: Option<u32>,
+        app: &str,
+    ) -> Result<Self, ApiError> {
         validate_app(app)?;
         Ok(Self {
             principal: Principal::User { uid, gid, pid },
             app: app.to_string(),
+            door,
+            admin: false,
         })
+    }
+
+    pub fn with_admin(mut self, admin: bool) -> Self {
+        self.admin = admin;
+        self
     }
 
     /// An HTTP caller whose key maps to `app` (or the anonymous app).
@@ -43,6 +62,8 @@ impl Caller {
         Ok(Self {
             principal: Principal::ApiKey,
             app: app.to_string(),
+            door: Door::Http,
+            admin: false,
         })
     }
 
@@ -68,6 +89,25 @@ impl std::fmt::Display for Caller {
     }
 }
 
+/// Who may use admin verbs: root, the uid the daemon runs as (its owner), and members of
+/// the configured admin group (by primary gid or by the group's member list, resolved when
+/// the configuration is loaded).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AdminPolicy {
+    pub daemon_uid: u32,
+    pub admin_gid: Option<u32>,
+    pub member_uids: Vec<u32>,
+}
+
+impl AdminPolicy {
+    pub fn is_admin(&self, uid: u32, gid: u32) -> bool {
+        uid == 0
+            || uid == self.daemon_uid
+            || self.admin_gid == Some(gid)
+            || self.member_uids.contains(&uid)
+    }
+}
+
 /// App names are short identifiers: letters, digits, `.`, `_`, `-`.
 pub fn validate_app(app: &str) -> Result<(), ApiError> {
     let ok = !app.is_empty()
@@ -87,11 +127,12 @@ pub fn validate_app(app: &str) -> Result<(), ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use llmsd_ipc::Door;
 
     #[test]
     fn owners_are_scoped_by_user_and_door() {
-        let a = Caller::user(1000, 1000, Some(5), "notes").unwrap();
-        let b = Caller::user(1001, 1001, None, "notes").unwrap();
+        let a = Caller::user(Door::Socket, 1000, 1000, Some(5), "notes").unwrap();
+        let b = Caller::user(Door::Dbus, 1001, 1001, None, "notes").unwrap();
         let h = Caller::http("notes").unwrap();
         assert_eq!(a.owner(), "u1000:notes");
         assert_ne!(a.owner(), b.owner());
@@ -99,9 +140,28 @@ mod tests {
     }
 
     #[test]
+    fn admins_are_root_the_daemon_uid_and_the_admin_group() {
+        let p = AdminPolicy {
+            daemon_uid: 990,
+            admin_gid: Some(50),
+            member_uids: vec![1002],
+        };
+        assert!(p.is_admin(0, 0));
+        assert!(p.is_admin(990, 990));
+        assert!(p.is_admin(1001, 50), "primary group");
+        assert!(p.is_admin(1002, 1002), "listed member");
+        assert!(!p.is_admin(1003, 1003));
+        let none = AdminPolicy {
+            daemon_uid: 990,
+            ..AdminPolicy::default()
+        };
+        assert!(!none.is_admin(1001, 50));
+    }
+
+    #[test]
     fn bad_app_names_are_refused() {
         for bad in ["", "a/b", "x y", "ü", &"a".repeat(MAX_APP_NAME + 1), "..\n"] {
-            assert!(Caller::user(0, 0, None, bad).is_err(), "{bad:?}");
+            assert!(Caller::user(Door::Socket, 0, 0, None, bad).is_err(), "{bad:?}");
         }
         assert!(Caller::http("my-app_2.0").is_ok());
     }

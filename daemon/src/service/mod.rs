@@ -54,6 +54,8 @@ pub struct ServiceConfig {
     pub app_priority: HashMap<String, Priority>,
     /// Largest prompt text accepted, in bytes.
     pub max_prompt_bytes: usize,
+    /// Who may use admin verbs.
+    pub admin: identity::AdminPolicy,
 }
 
 impl Default for ServiceConfig {
@@ -67,6 +69,7 @@ impl Default for ServiceConfig {
             quantum_tokens: 64,
             app_priority: HashMap::new(),
             max_prompt_bytes: 1 << 20,
+            admin: identity::AdminPolicy::default(),
         }
     }
 }
@@ -219,6 +222,11 @@ impl Service {
 
     pub fn metrics(&self) -> &Metrics {
         &self.inner.metrics
+    }
+
+    /// Whether a local caller (by its uid and primary gid) may use admin verbs.
+    pub fn is_admin(&self, uid: u32, gid: u32) -> bool {
+        self.inner.cfg.admin.is_admin(uid, gid)
     }
 
     pub fn model_info(&self) -> ModelInfo {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use llmsd_engine::model::Model;
 use llmsd_engine::pool::ThreadPool;
 use llmsd_engine::tokenizer::Tokenizer;
-use llmsd_ipc::{ErrorCode, GenerationParams, Priority, PromptInput, PromptRequest};
+use llmsd_ipc::{Door, ErrorCode, GenerationParams, Priority, PromptInput, PromptRequest};
 
 use super::*;
 use crate::kvstore::StoreConfig;
@@ -59,7 +59,7 @@ fn text(t: &str, max_tokens: u32) -> PromptRequest {
 }
 
 fn caller(app: &str) -> Caller {
-    Caller::user(1000, 1000, None, app).expect("caller")
+    Caller::user(Door::Socket, 1000, 1000, None, app).expect("caller")
 }
 
 #[test]
