@@ -479,6 +479,33 @@ pub struct KvStore {
     /// changed once written, so its tables stay valid until it is deleted.
     open_segments: HashMap<(usize, u64), (Arc<SwapFile>, u64)>,
     open_clock: u64,
+    /// Layer buffers of chunks evicted to make room for a restore, by length, lent to the
+    /// chunks it reads (`Some` only while a session is being opened).
+    spare: Option<SpareBuffers>,
+}
+
+/// Buffers by length, taken by the loader threads of a restore.
+#[derive(Default)]
+struct SpareBuffers(HashMap<usize, Vec<Vec<u8>>>);
+
+impl SpareBuffers {
+    fn put(&mut self, chunk: Arc<SealedChunk>) {
+        // A chunk still shared (a fork, a running session) keeps its memory.
+        if let Ok(chunk) = Arc::try_unwrap(chunk) {
+            for b in chunk.into_layer_buffers() {
+                self.0.entry(b.len()).or_default().push(b.into_vec());
+            }
+        }
+    }
+
+    /// A buffer for `len` bytes: a spare one of that length, else a new one.
+    fn take(spare: &Mutex<SpareBuffers>, len: usize) -> Vec<u8> {
+        let reused = spare
+            .lock()
+            .ok()
+            .and_then(|mut s| s.0.get_mut(&len).and_then(Vec::pop));
+        reused.unwrap_or_else(|| Vec::with_capacity(len))
+    }
 }
 
 impl KvStore {
@@ -524,6 +551,7 @@ impl KvStore {
             rng_state: seed | 1,
             open_segments: HashMap::new(),
             open_clock: 0,
+            spare: None,
         };
         store.load_apps(&apps_dir)?;
         if store.cfg.fit_costs {
@@ -1049,6 +1077,7 @@ impl KvStore {
         self.pinned.insert((a, c));
         self.unqueue_context(a, c);
         let resident_now = self.context_resident_bytes(a, c);
+        self.spare = Some(SpareBuffers::default());
         let mut room_failed = false;
         while self.resident_bytes - resident_now + need > self.cfg.kv_budget_bytes {
             if !self.evict_one()? {
@@ -1058,6 +1087,7 @@ impl KvStore {
         }
         if room_failed {
             // Everything else is pinned by running calls.
+            self.spare = None;
             self.pinned.remove(&(a, c));
             self.requeue_context(a, c);
             return Err(StoreError::ContextWindowExceeded(format!(
@@ -1066,6 +1096,7 @@ impl KvStore {
         }
         let t_evicted = t0.elapsed();
         let result = self.restore(a, c);
+        self.spare = None;
         tracing::debug!(
             evict_ms = t_evicted.as_secs_f64() * 1e3,
             restore_ms = (t0.elapsed() - t_evicted).as_secs_f64() * 1e3,
@@ -1202,6 +1233,9 @@ impl KvStore {
                 if let Some(e) = self.apps[a].chunks.get_mut(&id) {
                     if let Some(r) = e.resident.take() {
                         self.resident_bytes -= r.resident_bytes() as u64;
+                        if let Some(spare) = self.spare.as_mut() {
+                            spare.put(r);
+                        }
                     }
                 }
             }
@@ -1789,9 +1823,13 @@ impl KvStore {
         };
         if !any_recompute {
             let failed = Mutex::new(Vec::new());
+            let spare = Mutex::new(self.spare.take().unwrap_or_default());
             self.pool.run_tasks(pending.len(), &|k, _| {
                 let (src, (idx, chunk)) = (files[k], &pending[k]);
-                let loaded = src.file.read_item(src.item).map_err(|e| e.to_string());
+                let loaded = src
+                    .file
+                    .read_item_with(src.item, |len| SpareBuffers::take(&spare, len))
+                    .map_err(|e| e.to_string());
                 let set = loaded.and_then(|layers| {
                     layers
                         .into_iter()

@@ -652,6 +652,17 @@ impl SwapFile {
     /// stored back to back, so when none is compressed this is one vectored read straight
     /// into the buffers returned.
     pub fn read_item(&self, item: usize) -> Result<Vec<Box<[u8]>>, SwapError> {
+        self.read_item_with(item, Vec::with_capacity)
+    }
+
+    /// Like [`Self::read_item`], reading each section into the buffer `buffer(len)` gives
+    /// (its content is overwritten; a recycled buffer of exactly `len` bytes saves an
+    /// allocation and the page faults of fresh memory).
+    pub fn read_item_with(
+        &self,
+        item: usize,
+        mut buffer: impl FnMut(usize) -> Vec<u8>,
+    ) -> Result<Vec<Box<[u8]>>, SwapError> {
         let it = self.item_entry(item)?;
         let n = it.header.n_sections as usize;
         let secs = self
@@ -661,7 +672,7 @@ impl SwapFile {
         if secs.iter().any(|s| s.lz4) {
             return (0..n).map(|s| self.read_section(item, s)).collect();
         }
-        let bufs = self.read_stored(secs)?;
+        let bufs = self.read_stored_into(secs, secs.iter().map(|s| buffer(s.stored)).collect())?;
         bufs.into_iter()
             .zip(secs)
             .enumerate()
@@ -704,10 +715,28 @@ impl SwapFile {
     /// its own; read with as few `preadv` calls as the kernel allows, without zeroing the
     /// buffers first.
     fn read_stored(&self, secs: &[Section]) -> Result<Vec<Vec<u8>>, SwapError> {
+        self.read_stored_into(
+            secs,
+            secs.iter().map(|s| Vec::with_capacity(s.stored)).collect(),
+        )
+    }
+
+    /// [`Self::read_stored`] into the given buffers (one per section; their content is
+    /// replaced).
+    fn read_stored_into(
+        &self,
+        secs: &[Section],
+        mut bufs: Vec<Vec<u8>>,
+    ) -> Result<Vec<Vec<u8>>, SwapError> {
         let Some(first) = secs.first() else {
             return Ok(Vec::new());
         };
-        let mut bufs: Vec<Vec<u8>> = secs.iter().map(|s| Vec::with_capacity(s.stored)).collect();
+        bufs.resize_with(secs.len(), Vec::new);
+        bufs.truncate(secs.len());
+        for (b, s) in bufs.iter_mut().zip(secs) {
+            b.clear();
+            b.reserve_exact(s.stored);
+        }
         let total: usize = secs.iter().map(|s| s.stored).sum();
         let mut done = 0usize;
         while done < total {
@@ -896,6 +925,19 @@ mod tests {
             for (g, w) in whole.iter().zip(want.iter()) {
                 assert_eq!(&**g, w.as_slice());
             }
+            // Reused buffers (stale content, too small, too large) read the same bytes.
+            let mut lent = 0;
+            let reused = f
+                .read_item_with(i, |len| {
+                    lent += 1;
+                    match lent % 3 {
+                        0 => vec![0xEE; len],
+                        1 => vec![0x11; len / 2 + 1],
+                        _ => vec![0x77; len + 9],
+                    }
+                })
+                .unwrap();
+            assert_eq!(reused, whole);
             for (s, want) in want.iter().enumerate() {
                 assert_eq!(f.section_raw_len(i, s), Some(want.len()));
                 assert_eq!(&*f.read_section(i, s).unwrap(), want.as_slice());

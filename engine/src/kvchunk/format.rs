@@ -232,6 +232,16 @@ impl SealedChunk {
         self.layers.get(layer)?.get().map(|b| &**b)
     }
 
+    /// The buffers of the layers present, for reuse: a chunk evicted to make room for one
+    /// being read back lends its memory to it instead of freeing it.
+    pub fn into_layer_buffers(self) -> Vec<Box<[u8]>> {
+        self.layers
+            .into_vec()
+            .into_iter()
+            .filter_map(OnceLock::into_inner)
+            .collect()
+    }
+
     /// The first layer not yet set.
     pub fn first_missing(&self) -> Option<usize> {
         self.layers.iter().position(|l| l.get().is_none())

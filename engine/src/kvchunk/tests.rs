@@ -1088,3 +1088,26 @@ fn codes_round_half_away_from_zero() {
         }
     }
 }
+
+#[test]
+fn layer_buffers_come_back_in_layer_order() {
+    let s = shape(3, 2, 8, 8);
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let staged = random_staged(&mut rng, s, CHUNK_TOKENS);
+    let chunk = SealedChunk::quantize(&staged, Precision::Int4).unwrap();
+    let layers: Vec<Vec<u8>> = (0..3).map(|l| chunk.layer(l).unwrap().to_vec()).collect();
+    let back = chunk.into_layer_buffers();
+    assert_eq!(back.len(), 3);
+    for (b, l) in back.iter().zip(&layers) {
+        assert_eq!(&**b, l.as_slice());
+    }
+    // Only the layers present are returned.
+    let partial = SealedChunk::empty(s, Precision::Int4);
+    partial
+        .set_layer(1, layers[1].clone().into_boxed_slice())
+        .unwrap();
+    assert_eq!(
+        partial.into_layer_buffers(),
+        vec![layers[1].clone().into_boxed_slice()]
+    );
+}
