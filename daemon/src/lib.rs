@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod dbus;
+pub mod fuzzing;
 pub mod http;
 pub mod kvstore;
 pub mod service;

@@ -6,6 +6,7 @@
 //! knows nothing about apps, contexts on disk or sockets: the daemon drives it.
 
 pub mod chat;
+pub mod fuzzing;
 pub mod gguf;
 pub mod kv;
 pub mod kvchunk;

@@ -414,7 +414,7 @@ fn parse_id(s: &str) -> Option<u64> {
 }
 
 /// App names map to directory names through hex, so no name can reach outside the state dir.
-fn app_dir_name(app: &str) -> String {
+pub fn app_dir_name(app: &str) -> String {
     app.bytes().map(|b| format!("{b:02x}")).collect()
 }
 
