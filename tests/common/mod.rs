@@ -106,6 +106,20 @@ impl Daemon {
     }
 
     pub fn start_env(http: bool, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
+        Self::start_full(None, http, extra, env)
+    }
+
+    /// Like [`Self::start`], keeping contexts in `state` (e.g. a small tmpfs).
+    pub fn start_with_state(state: PathBuf, http: bool, extra: &[&str]) -> Daemon {
+        Self::start_full(Some(state), http, extra, &[])
+    }
+
+    fn start_full(
+        state: Option<PathBuf>,
+        http: bool,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let dir = tempfile::Builder::new()
             .prefix("llmsd-e2e-")
             .tempdir()
@@ -114,7 +128,7 @@ impl Daemon {
         let mut d = Daemon {
             child: None,
             socket: dir.join("llmsd.sock"),
-            state: dir.join("state"),
+            state: state.unwrap_or_else(|| dir.join("state")),
             log: dir.join("daemon.log"),
             http: http.then(|| format!("127.0.0.1:{}", free_port())),
             dir,

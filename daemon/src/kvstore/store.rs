@@ -468,6 +468,13 @@ pub struct KvStore {
     resident_peak: u64,
     /// Swap files queued and not yet confirmed: (app, file number).
     in_flight: HashSet<(usize, u64)>,
+    /// Segments handed to the I/O thread and not yet confirmed on disk, kept in memory: reads
+    /// of their items are served from here, and a segment whose write failed (a full disk)
+    /// stays here and is written again with the app's next manifest, so nothing is lost or
+    /// recomputed differently meanwhile.
+    unwritten: HashMap<(usize, u64), Arc<Vec<PendingItem>>>,
+    /// Of those, the ones whose last write failed.
+    failed_writes: BTreeSet<(usize, u64)>,
     io: IoThread,
     io_failures: u64,
     files_written: u64,
@@ -542,6 +549,8 @@ impl KvStore {
             resident_bytes: 0,
             resident_peak: 0,
             in_flight: HashSet::new(),
+            unwritten: HashMap::new(),
+            failed_writes: BTreeSet::new(),
             io: IoThread::start()?,
             io_failures: 0,
             files_written: 0,
@@ -1303,10 +1312,17 @@ impl KvStore {
             let (a, num) = ((tag >> 48) as usize, tag & ((1 << 48) - 1));
             self.in_flight.remove(&(a, num));
             if result.is_ok() {
+                self.unwritten.remove(&(a, num));
+                self.failed_writes.remove(&(a, num));
                 continue;
             }
             self.io_failures += 1;
             self.close_file(a, num);
+            if self.unwritten.contains_key(&(a, num)) {
+                // Kept in memory and written again with the next manifest.
+                self.failed_writes.insert((a, num));
+                continue;
+            }
             let Some(app) = self.apps.get_mut(a) else {
                 continue;
             };
@@ -1371,17 +1387,48 @@ impl KvStore {
         let Some(seg) = self.apps[a].pending.take() else {
             return;
         };
+        let items = Arc::new(seg.items);
+        self.unwritten.insert((a, seg.num), Arc::clone(&items));
+        self.write_segment(a, seg.num, items);
+    }
+
+    /// Queues the write of segment `num` of app `a`.
+    fn write_segment(&mut self, a: usize, num: u64, items: Arc<Vec<PendingItem>>) {
         self.files_written += 1;
-        let path = self.file_path(a, seg.num);
-        let tag = ((a as u64) << 48) | seg.num;
+        let path = self.file_path(a, num);
+        let tag = ((a as u64) << 48) | num;
         let hash = shape_hash(self.shape);
         let n_layers = self.shape.n_layers;
         let delay = self.io.fault_delay();
         self.io.submit(move || {
-            let result = write_segment_items(&path, hash, n_layers, &seg.items, delay)
+            let result = write_segment_items(&path, hash, n_layers, &items, delay)
                 .map_err(|e| e.to_string());
             Some(Done { tag, result })
         });
+    }
+
+    /// Queues again the segments of app `a` whose write failed.
+    fn retry_failed_writes(&mut self, a: usize) {
+        let failed: Vec<u64> = self
+            .failed_writes
+            .range((a, 0)..=(a, u64::MAX))
+            .map(|&(_, num)| num)
+            .collect();
+        for num in failed {
+            self.failed_writes.remove(&(a, num));
+            if let Some(items) = self.unwritten.get(&(a, num)).cloned() {
+                self.in_flight.insert((a, num));
+                self.write_segment(a, num, items);
+            }
+        }
+    }
+
+    /// A sealed chunk of a segment not confirmed on disk yet, from memory.
+    fn unwritten_sealed(&self, a: usize, f: FileRef) -> Option<Arc<SealedChunk>> {
+        match self.unwritten.get(&(a, f.num))?.get(f.item as usize)? {
+            PendingItem::Sealed(ch) => Some(Arc::clone(ch)),
+            _ => None,
+        }
     }
 
     fn queue_sealed(&mut self, a: usize, chunk: &Arc<SealedChunk>) -> FileRef {
@@ -1408,6 +1455,7 @@ impl KvStore {
     /// Queues the segment app `a` is filling, then its manifest, then the deletion of the
     /// segments nothing refers to any more (only once the manifest without them is durable).
     fn write_manifest(&mut self, a: usize) {
+        self.retry_failed_writes(a);
         self.submit_segment(a);
         let live = self.live_segments(a);
         let app = &mut self.apps[a];
@@ -1422,6 +1470,8 @@ impl KvStore {
         }
         for &n in &dead {
             self.close_file(a, n);
+            self.unwritten.remove(&(a, n));
+            self.failed_writes.remove(&(a, n));
         }
         let app = &self.apps[a];
         let manifest = AppManifest {
@@ -1510,6 +1560,18 @@ impl KvStore {
             )
         };
         let has_tail = n_tokens % CHUNK_TOKENS != 0;
+        if policy.uses_chunk_files() && !self.unwritten.is_empty() {
+            // Copies not confirmed on disk yet (being written, or their write failed).
+            for i in 0..n_chunks {
+                let id = self.apps[a].contexts[&c].chunks[i];
+                let file = self.apps[a].chunks.get(&id).and_then(|e| e.file);
+                if !self.chunk_resident(a, c, i) {
+                    if let Some(ch) = file.and_then(|f| self.unwritten_sealed(a, f)) {
+                        self.set_resident(a, id, ch);
+                    }
+                }
+            }
+        }
         let missing: Vec<usize> = (0..n_chunks)
             .filter(|&i| !self.chunk_resident(a, c, i))
             .collect();
@@ -1575,7 +1637,18 @@ impl KvStore {
             .collect();
 
         let mut tail_staged: Option<Box<StagedChunk>> = None;
-        if let Some(src) = tail_ref.and_then(|f| item_of(&f, KIND_TAIL, Precision::F16, None)) {
+        let tail_in_memory =
+            tail_ref.and_then(
+                |f| match self.unwritten.get(&(a, f.num))?.get(f.item as usize)? {
+                    PendingItem::Tail { bytes, .. } => StagedChunk::from_bytes(shape, bytes).ok(),
+                    _ => None,
+                },
+            );
+        if let Some(s) = tail_in_memory.filter(|s| s.n_tokens() == n_tokens % CHUNK_TOKENS) {
+            tail_staged = Some(Box::new(s));
+        } else if let Some(src) =
+            tail_ref.and_then(|f| item_of(&f, KIND_TAIL, Precision::F16, None))
+        {
             match src
                 .file
                 .read_section(src.item, 0)
@@ -2341,6 +2414,9 @@ impl KvStore {
                 Some(PendingItem::Sealed(ch)) => ch.dequantize().ok(),
                 _ => None,
             };
+        }
+        if self.unwritten.contains_key(&(a, f.num)) {
+            return self.unwritten_sealed(a, f)?.dequantize().ok();
         }
         self.wait_file(a, f.num);
         let file = self.open_file(a, f.num).ok()?;

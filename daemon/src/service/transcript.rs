@@ -4,7 +4,9 @@
 //! prefilled. Lost or stale transcripts cost recompute, never correctness: the token diff
 //! truncates the context to what still matches.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use llmsd_engine::chat::{ChatMessage as TemplateMessage, ChatTemplate};
 use llmsd_engine::tokenizer::Tokenizer;
@@ -199,15 +201,19 @@ impl Renderer<'_> {
     }
 }
 
-/// Transcripts on disk: `<dir>/<hex owner>/<context>.json`, each replaced atomically.
+/// Transcripts on disk: `<dir>/<hex owner>/<context>.json`, each replaced atomically. One
+/// that could not be written (a full disk) is kept in memory, read from there, and written
+/// with the next save that succeeds.
 pub struct TranscriptStore {
     dir: PathBuf,
+    unsaved: Mutex<HashMap<PathBuf, Transcript>>,
 }
 
 impl TranscriptStore {
     pub fn new(state_dir: &Path) -> Self {
         Self {
             dir: state_dir.join("transcripts"),
+            unsaved: Mutex::new(HashMap::new()),
         }
     }
 
@@ -216,10 +222,18 @@ impl TranscriptStore {
         self.dir.join(hex).join(format!("{ctx}.json"))
     }
 
+    fn unsaved(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, Transcript>> {
+        self.unsaved.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The transcript of a context; an unreadable one counts as lost (the context still
     /// works: its next turn is recomputed from where the texts diverge).
     pub fn load(&self, owner: &str, ctx: &str) -> Transcript {
-        match durable::read_json::<Transcript>(&self.path(owner, ctx)) {
+        let path = self.path(owner, ctx);
+        if let Some(t) = self.unsaved().get(&path) {
+            return t.clone();
+        }
+        match durable::read_json::<Transcript>(&path) {
             Ok(Some(t)) => t,
             Ok(None) => Transcript::Empty,
             Err(e) => {
@@ -229,16 +243,43 @@ impl TranscriptStore {
         }
     }
 
+    /// Writes `t`, and any transcript an earlier save could not write. On failure `t` is
+    /// kept in memory (and the error returned for the log).
     pub fn save(&self, owner: &str, ctx: &str, t: &Transcript) -> Result<(), DurableError> {
         let path = self.path(owner, ctx);
+        let result = self.write(&path, t);
+        let mut unsaved = self.unsaved();
+        match &result {
+            Ok(()) => {
+                unsaved.remove(&path);
+                let retry: Vec<(PathBuf, Transcript)> = unsaved
+                    .iter()
+                    .map(|(p, t)| (p.clone(), t.clone()))
+                    .collect();
+                for (p, t) in retry {
+                    if self.write(&p, &t).is_ok() {
+                        unsaved.remove(&p);
+                    }
+                }
+            }
+            Err(_) => {
+                unsaved.insert(path, t.clone());
+            }
+        }
+        result
+    }
+
+    fn write(&self, path: &Path, t: &Transcript) -> Result<(), DurableError> {
         if let Some(dir) = path.parent() {
             durable::ensure_private_dir(&self.dir)?;
             durable::ensure_private_dir(dir)?;
         }
-        durable::write_json_atomic(&path, t)
+        durable::write_json_atomic(path, t)
     }
 
     pub fn delete(&self, owner: &str, ctx: &str) {
-        let _ = std::fs::remove_file(self.path(owner, ctx));
+        let path = self.path(owner, ctx);
+        self.unsaved().remove(&path);
+        let _ = std::fs::remove_file(path);
     }
 }
