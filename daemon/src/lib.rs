@@ -7,3 +7,4 @@ pub mod http;
 pub mod kvstore;
 pub mod service;
 pub mod socket;
+pub mod systemd;
