@@ -251,8 +251,13 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             "llmsd ready"
         );
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-        let supervisor = (watchdog.is_some() || llmsd::systemd::notify_socket_set())
-            .then(|| tokio::spawn(llmsd::systemd::supervise(service.clone(), watchdog)));
+        let supervisor = (watchdog.is_some() || llmsd::systemd::notify_socket_set()).then(|| {
+            tokio::spawn(llmsd::systemd::supervise(
+                service.clone(),
+                watchdog,
+                llmsd::systemd::notify,
+            ))
+        });
         shutdown_signal().await;
         tracing::info!("shutting down");
         if let Some(t) = supervisor {

@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use crate::service::Service;
 
+/// `STATUS=` while the engine misses its pings.
+const NOT_ANSWERING: &str = "engine not answering";
+
 /// How often `STATUS=` is refreshed when no watchdog asks for a shorter period.
 const STATUS_EVERY: Duration = Duration::from_secs(10);
 
@@ -114,11 +117,16 @@ pub fn status_line(service: &Service) -> String {
     )
 }
 
-/// Keeps the service manager informed until dropped: every period (half the watchdog interval,
-/// or [`STATUS_EVERY`]), a round trip through the engine thread; when it answers in time,
-/// `WATCHDOG=1` (if a watchdog is on) and a fresh `STATUS=`. A hung or dead engine misses its
-/// pings and systemd restarts the service.
-pub async fn supervise(service: Service, watchdog: Option<Duration>) {
+/// Keeps the service manager informed (through `send`, [`notify`] in the daemon) until
+/// dropped: every period (half the watchdog interval, or [`STATUS_EVERY`]), a round trip
+/// through the engine thread; when it answers in time, `WATCHDOG=1` (if a watchdog is on) and
+/// the `STATUS=` line when it changed. A hung or dead engine misses its pings and systemd
+/// restarts the service.
+pub async fn supervise(
+    service: Service,
+    watchdog: Option<Duration>,
+    mut send: impl FnMut(&[sd_notify::NotifyState]),
+) {
     let period = watchdog.map_or(STATUS_EVERY, |w| (w / 2).max(Duration::from_millis(10)));
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -136,13 +144,13 @@ pub async fn supervise(service: Service, watchdog: Option<Duration>) {
                     states.push(sd_notify::NotifyState::Status(&status));
                 }
                 if !states.is_empty() {
-                    notify(&states);
+                    send(&states);
                 }
                 last_status = status;
             }
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "the engine did not answer; withholding the watchdog ping");
-                notify(&[sd_notify::NotifyState::Status("engine not answering")]);
+                send(&[sd_notify::NotifyState::Status(NOT_ANSWERING)]);
                 last_status.clear();
             }
             Err(_) => {
@@ -150,7 +158,7 @@ pub async fn supervise(service: Service, watchdog: Option<Duration>) {
                     timeout_ms = period.as_millis() as u64,
                     "the engine did not answer in time; withholding the watchdog ping"
                 );
-                notify(&[sd_notify::NotifyState::Status("engine not answering")]);
+                send(&[sd_notify::NotifyState::Status(NOT_ANSWERING)]);
                 last_status.clear();
             }
         }
@@ -159,7 +167,80 @@ pub async fn supervise(service: Service, watchdog: Option<Duration>) {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+    use std::sync::{Arc, Mutex};
+
+    use llmsd_engine::model::Model;
+    use llmsd_engine::pool::ThreadPool;
+    use llmsd_engine::tokenizer::Tokenizer;
+
     use super::*;
+    use crate::kvstore::StoreConfig;
+    use crate::service::{ServiceConfig, ServiceParts};
+
+    #[test]
+    fn the_watchdog_is_fed_while_the_engine_answers_and_starved_once_it_stops() {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+        let model = Model::load(&path).expect("model loads (run scripts/fetch-models)");
+        let tokenizer = Tokenizer::from_gguf(model.file()).expect("tokenizer");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = StoreConfig::new(dir.path());
+        store.fit_costs = false;
+        let (service, engine) = Service::start(ServiceParts {
+            model: Arc::new(model),
+            tokenizer,
+            pool: Arc::new(ThreadPool::new(1).expect("pool")),
+            model_id: "test".into(),
+            store,
+            service: ServiceConfig::default(),
+        })
+        .expect("service starts");
+        let sent: Arc<Mutex<Vec<String>>> = Arc::default();
+        let record = {
+            let sent = sent.clone();
+            move |states: &[sd_notify::NotifyState]| {
+                let line = states.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+                sent.lock().unwrap().push(line.join("\n"));
+            }
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let watchdog = Some(Duration::from_millis(100));
+        rt.block_on(async {
+            let task = tokio::spawn(supervise(service.clone(), watchdog, record));
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            let alive = sent.lock().unwrap().clone();
+            assert!(alive.len() >= 3, "{alive:?}");
+            assert!(
+                alive.iter().all(|m| m.starts_with("WATCHDOG=1")),
+                "{alive:?}"
+            );
+            assert_eq!(
+                alive[0],
+                "WATCHDOG=1\nSTATUS=serving: 0 contexts, 0 running, 0 queued"
+            );
+            // The status is sent again only when it changes.
+            assert!(alive[1..].iter().all(|m| m == "WATCHDOG=1"), "{alive:?}");
+
+            service.shutdown();
+            tokio::task::spawn_blocking(move || engine.join())
+                .await
+                .unwrap()
+                .unwrap();
+            let before = sent.lock().unwrap().len();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let dead = sent.lock().unwrap()[before..].to_vec();
+            task.abort();
+            assert!(!dead.is_empty(), "the supervisor stopped reporting");
+            assert!(
+                dead.iter().all(|m| m == &format!("STATUS={NOT_ANSWERING}")),
+                "a stopped engine must not feed the watchdog: {dead:?}"
+            );
+        });
+    }
 
     #[test]
     fn watchdog_interval_follows_sd_watchdog_enabled() {
