@@ -677,3 +677,52 @@ fn socket_activated_daemon_serves_inherited_sockets_and_feeds_the_watchdog() {
         "the daemon bound its configured socket too"
     );
 }
+
+#[test]
+fn an_inherited_socket_of_another_kind_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("dgram.sock");
+    let log = dir.path().join("daemon.log");
+    let log_file = std::fs::File::create(&log).unwrap();
+    let mut child = Command::new("systemd-socket-activate")
+        .arg("--datagram")
+        .arg(format!("--listen={}", socket.display()))
+        .arg("--")
+        .arg(env!("CARGO_BIN_EXE_llmsd"))
+        .args(["serve", "--model"])
+        .arg(model(SMOLLM2))
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .args(["--http", "off", "--bus", "off"])
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone().unwrap())
+        .stderr(log_file)
+        .spawn()
+        .expect("systemd-socket-activate runs (install systemd)");
+    let t0 = Instant::now();
+    while !socket.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "no socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A datagram socket is activated by its first datagram.
+    UnixDatagram::unbound()
+        .unwrap()
+        .send_to(b"hello", &socket)
+        .unwrap();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if t0.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("the daemon kept running on a datagram socket");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert!(!status.success(), "{log_text}");
+    assert!(
+        log_text.contains("is neither a listening Unix stream socket"),
+        "{log_text}"
+    );
+}
