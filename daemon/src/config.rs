@@ -192,6 +192,163 @@ pub fn default_state_dir(system: bool) -> PathBuf {
     }
 }
 
+/// Where `serve` looks for its configuration when none is named: `/etc/llmsd/llmsd.toml` for
+/// the system service, `$XDG_CONFIG_HOME/llmsd/llmsd.toml` (`~/.config/...`) per user.
+pub fn default_config_path(system: bool) -> Option<PathBuf> {
+    if system {
+        return Some(PathBuf::from("/etc/llmsd/llmsd.toml"));
+    }
+    if let Some(d) = std::env::var_os("XDG_CONFIG_HOME").filter(|d| !d.is_empty()) {
+        return Some(PathBuf::from(d).join("llmsd/llmsd.toml"));
+    }
+    std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .map(|h| PathBuf::from(h).join(".config/llmsd/llmsd.toml"))
+}
+
+/// The configuration `serve` runs with, and the file it came from: the named file (which must
+/// exist), else the default location's file if there is one, else the defaults.
+pub fn load_config(
+    explicit: Option<&Path>,
+    system: bool,
+) -> Result<(ConfigFile, Option<PathBuf>), ConfigError> {
+    if let Some(p) = explicit {
+        return Ok((ConfigFile::load(p)?, Some(p.to_path_buf())));
+    }
+    let Some(p) = default_config_path(system) else {
+        return Ok((ConfigFile::default(), None));
+    };
+    match ConfigFile::load(&p) {
+        Ok(c) => Ok((c, Some(p))),
+        Err(ConfigError::Read { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            Ok((ConfigFile::default(), None))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// What `llmsd config check` finds wrong in a parsed file beyond its syntax: values `serve`
+/// would refuse (errors), and settings that run but likely not as meant (warnings).
+#[derive(Debug, Default, PartialEq)]
+pub struct CheckReport {
+    pub errors: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+/// Paths the system unit hides from the daemon (`ProtectHome=yes`).
+const HIDDEN_FROM_SYSTEM_SERVICE: [&str; 3] = ["/home", "/root", "/run/user"];
+
+impl ConfigFile {
+    /// The semantic checks of `llmsd config check`; `system` checks it as the system
+    /// service's file (absolute paths, nothing under the homes the unit hides).
+    pub fn check(&self, system: bool) -> CheckReport {
+        let mut r = CheckReport::default();
+        if let Some(http) = &self.http {
+            if let Err(e) = http_addr(http, self.http_allow_remote) {
+                r.errors.push(e.to_string());
+            }
+        }
+        if let Some(bus) = &self.bus {
+            if let Err(e) = bus.parse::<BusChoice>() {
+                r.errors.push(e.to_string());
+            }
+        }
+        if self.threads == Some(0) {
+            r.errors.push("threads must be at least 1".into());
+        }
+        if let Err(e) = admin_policy(self.admin_group.as_deref()) {
+            r.errors.push(e.to_string());
+        }
+        if self.kv.budget_mib == Some(0) {
+            r.errors.push("kv.budget_mib must be at least 1".into());
+        }
+        if let Some(b) = self.kv.bits_avg {
+            if !(b.is_finite() && b > 0.0) {
+                r.errors
+                    .push(format!("kv.bits_avg must be positive, got {b}"));
+            }
+        }
+        if self.kv.max_context_tokens == Some(0) {
+            r.errors
+                .push("kv.max_context_tokens must be at least 1".into());
+        }
+        if let Some(f) = self.scheduler.prefill_latency_factor {
+            if !(f.is_finite() && f > 0.0) {
+                r.errors.push(format!(
+                    "scheduler.prefill_latency_factor must be positive, got {f}"
+                ));
+            }
+        }
+        match &self.model {
+            Some(m) => {
+                if let Err(e) = check_gguf(m) {
+                    r.errors.push(format!("model {}: {e}", m.display()));
+                }
+            }
+            None if system => r.warnings.push(
+                "model is not set: the system service looks for models/ in its working \
+                 directory (/); set model to an absolute path"
+                    .into(),
+            ),
+            None => {}
+        }
+        if let Some(d) = &self.state_dir {
+            if d.exists() && !d.is_dir() {
+                r.errors
+                    .push(format!("state_dir {} is not a directory", d.display()));
+            }
+        }
+        if system {
+            let paths = [
+                ("model", &self.model),
+                ("state_dir", &self.state_dir),
+                ("socket", &self.socket),
+            ];
+            for (key, path) in paths {
+                let Some(p) = path else { continue };
+                if p.is_relative() {
+                    r.warnings.push(format!(
+                        "{key} {} is relative: the system service runs in /",
+                        p.display()
+                    ));
+                } else if HIDDEN_FROM_SYSTEM_SERVICE.iter().any(|h| p.starts_with(h)) {
+                    r.warnings.push(format!(
+                        "{key} {} is under a home directory, which llmsd.service hides \
+                         (ProtectHome=yes)",
+                        p.display()
+                    ));
+                }
+            }
+        }
+        r
+    }
+}
+
+/// A readable file that starts like a GGUF model.
+fn check_gguf(path: &Path) -> Result<(), String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    if !f.metadata().map_err(|e| e.to_string())?.is_file() {
+        return Err("not a file".into());
+    }
+    let mut magic = [0u8; 4];
+    f.read_exact(&mut magic)
+        .map_err(|_| "too short to be a GGUF file".to_string())?;
+    if &magic != b"GGUF" {
+        return Err("not a GGUF file".into());
+    }
+    Ok(())
+}
+
+/// A `MemoryMax=` for the daemon's unit: 1.5x the model file (its weights as the engine holds
+/// them: SmolLM2's 94 MiB file came to 135 MiB resident), the KV budget, and 256 MiB for the
+/// rest (activations, tokenizer, buffers, swap-file page cache), rounded up to MiB.
+pub fn suggested_memory_max(model_bytes: u64, kv_budget_bytes: u64) -> u64 {
+    const RUNTIME_MARGIN: u64 = 256 << 20;
+    let total = model_bytes + model_bytes / 2 + kv_budget_bytes + RUNTIME_MARGIN;
+    total.div_ceil(1 << 20) << 20
+}
+
 /// The daemon's own uid.
 fn own_uid() -> u32 {
     // SAFETY: getuid has no preconditions and cannot fail.

@@ -8,3 +8,4 @@ pub mod http;
 pub mod kvstore;
 pub mod service;
 pub mod socket;
+pub mod systemd;

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_switch;
+mod config_cmd;
 mod contexts;
 
 mod oneshot;
@@ -41,6 +42,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Persistent contexts of the KV store, one operation per run.
     Ctx(contexts::CtxArgs),
+    /// The configuration file: `llmsd config check [FILE]`.
+    Config(config_cmd::ConfigArgs),
 }
 
 /// Where the model comes from when `--model` is not given.
@@ -77,6 +80,7 @@ fn main() -> std::process::ExitCode {
         Command::Inspect(a) => oneshot::inspect(a),
         Command::Bench(a) => bench::bench(a),
         Command::Ctx(a) => contexts::ctx(a),
+        Command::Config(a) => config_cmd::config(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -9,6 +9,7 @@ use llmsd::config::{self, BusChoice, ConfigFile};
 use llmsd::http::HttpOptions;
 use llmsd::kvstore::{Policy, StoreConfig};
 use llmsd::service::{Service, ServiceConfig, ServiceParts};
+use llmsd::systemd::InheritedSockets;
 
 use crate::oneshot;
 
@@ -17,7 +18,9 @@ pub struct ServeArgs {
     /// GGUF model [default: $LLMSD_MODEL, else models/SmolLM2-135M-Instruct.Q4_1.gguf]
     #[arg(long, env = "LLMSD_MODEL")]
     model: Option<PathBuf>,
-    /// TOML configuration file (flags and LLMSD_* variables override it).
+    /// TOML configuration file (flags and LLMSD_* variables override it) [default:
+    /// $XDG_CONFIG_HOME/llmsd/llmsd.toml; /etc/llmsd/llmsd.toml with --system; either may be
+    /// absent]
     #[arg(long, env = "LLMSD_CONFIG")]
     config: Option<PathBuf>,
     /// Unix socket [default: $XDG_RUNTIME_DIR/llmsd/llmsd.sock; /run/llmsd/llmsd.sock with --system]
@@ -49,25 +52,53 @@ pub struct ServeArgs {
 const DEFAULT_KV_BUDGET_MIB: u64 = 256;
 
 pub fn serve(a: ServeArgs) -> Result<()> {
-    let file = match &a.config {
-        Some(p) => ConfigFile::load(p)?,
-        None => ConfigFile::default(),
-    };
+    // Before any thread starts: both clear the variables they read.
+    let inherited = InheritedSockets::take_from_env().context("socket activation")?;
+    let watchdog = llmsd::systemd::watchdog_from_env();
+    let (file, config_path): (ConfigFile, _) = config::load_config(a.config.as_deref(), a.system)?;
     let model_arg = crate::ModelArg {
         model: a.model.clone().or(file.model.clone()),
         threads: a.threads.or(file.threads),
     };
-    let socket = a
+    let mut socket = a
         .socket
         .clone()
         .or(file.socket.clone())
         .unwrap_or_else(|| config::default_socket(a.system));
+    // With socket activation systemd owns the socket's path: serve there, never unlink it.
+    let socket_inherited = inherited.unix;
+    let activated = socket_inherited.is_some();
+    if let Some(l) = &socket_inherited {
+        if let Some(p) = l
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_pathname().map(PathBuf::from))
+        {
+            socket = p;
+        }
+    }
     let http_spec = a
         .http
         .clone()
         .or(file.http.clone())
         .unwrap_or_else(|| llmsd_ipc::DEFAULT_HTTP_ADDR.to_string());
     let http = config::http_addr(&http_spec, file.http_allow_remote)?;
+    // An HTTP socket systemd passed replaces the configured address, under the same rule.
+    let http_inherited = match inherited.tcp {
+        Some(_) if http.is_none() => {
+            anyhow::bail!("systemd passed a TCP socket but the HTTP door is off (http = \"off\")")
+        }
+        Some(l) => {
+            let addr = l.local_addr().context("inherited TCP socket")?;
+            config::http_addr(&addr.to_string(), file.http_allow_remote)?;
+            Some(l)
+        }
+        None => None,
+    };
+    let http = match &http_inherited {
+        Some(l) => Some(l.local_addr().context("inherited TCP socket")?),
+        None => http,
+    };
     let bus_explicit = a.bus.is_some() || file.bus.is_some();
     let bus: BusChoice = match a.bus.as_deref().or(file.bus.as_deref()) {
         Some(b) => b.parse()?,
@@ -124,6 +155,9 @@ pub fn serve(a: ServeArgs) -> Result<()> {
 
     svc.admin = config::admin_policy(file.admin_group.as_deref())?;
 
+    let config_shown = config_path
+        .as_deref()
+        .map_or("(defaults)".into(), |p| p.display().to_string());
     let t0 = std::time::Instant::now();
     let path = oneshot::resolve_model(&model_arg.model)?;
     let loaded = oneshot::load(&model_arg)?;
@@ -148,14 +182,23 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         .build()
         .context("starting the I/O runtime")?;
     let result = rt.block_on(async {
-        let listener = llmsd::socket::bind(&socket)?;
+        let listener = match socket_inherited {
+            Some(l) => {
+                tokio::net::UnixListener::from_std(l).context("serving the inherited socket")?
+            }
+            None => llmsd::socket::bind(&socket)?,
+        };
         let socket_task = tokio::spawn(llmsd::socket::serve(service.clone(), listener));
         let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
         let http_task = match http {
             Some(addr) => {
-                let listener = tokio::net::TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("binding the HTTP door to {addr}"))?;
+                let listener = match http_inherited {
+                    Some(l) => tokio::net::TcpListener::from_std(l)
+                        .context("serving the inherited HTTP socket")?,
+                    None => tokio::net::TcpListener::bind(addr)
+                        .await
+                        .with_context(|| format!("binding the HTTP door to {addr}"))?,
+                };
                 let opts = HttpOptions {
                     api_keys: file.http_keys.clone(),
                     allow_anonymous: file.http_allow_anonymous.unwrap_or(true),
@@ -201,12 +244,25 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             http = %http.map_or("off".to_string(), |a| a.to_string()),
             bus = ?bus,
             state_dir = %state_dir.display(),
+            config = %config_shown,
+            socket_activated = activated,
+            watchdog_ms = watchdog.map(|w| w.as_millis() as u64),
             startup_ms = t0.elapsed().as_millis() as u64,
             "llmsd ready"
         );
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+        let supervisor = (watchdog.is_some() || llmsd::systemd::notify_socket_set()).then(|| {
+            tokio::spawn(llmsd::systemd::supervise(
+                service.clone(),
+                watchdog,
+                llmsd::systemd::notify,
+            ))
+        });
         shutdown_signal().await;
         tracing::info!("shutting down");
+        if let Some(t) = supervisor {
+            t.abort();
+        }
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
         socket_task.abort();
         if let Some(conn) = dbus {
@@ -218,7 +274,9 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         }
         anyhow::Ok(())
     });
-    let _ = std::fs::remove_file(&socket);
+    if !activated {
+        let _ = std::fs::remove_file(&socket);
+    }
     service.shutdown();
     drop(service);
     rt.shutdown_timeout(std::time::Duration::from_secs(2));

@@ -163,6 +163,8 @@ impl Daemon {
         if !self.extra.iter().any(|a| a == "--bus") {
             cmd.args(["--bus", "off"]);
         }
+        // Only a test's own configuration: none unless its env names a directory.
+        cmd.env("XDG_CONFIG_HOME", &self.dir);
         cmd.args(&self.extra)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("LLMSD_LOG", "info")

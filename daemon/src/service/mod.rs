@@ -249,6 +249,12 @@ impl Service {
         }
     }
 
+    /// A round trip through the engine thread, answered between two engine steps: fails when
+    /// the engine has stopped, and never answers while a step hangs.
+    pub async fn ping_engine(&self) -> Result<(), ApiError> {
+        self.op(Op::Ping).await.map(|_| ())
+    }
+
     pub fn tokenize(&self, req: &TokenizeRequest) -> Result<Vec<u32>, ApiError> {
         self.check_size("text", req.text.len())?;
         Ok(self.inner.tokenizer.encode(&req.text, false, req.special))

@@ -48,6 +48,8 @@ pub(crate) enum Op {
         owner: String,
         id: String,
     },
+    /// A round trip through the engine thread: the watchdog's proof that it is alive.
+    Ping,
 }
 
 pub(crate) enum Command {
@@ -332,6 +334,7 @@ impl Scheduler {
                 let c = self.store.info(&owner, &new).map_err(api_error)?;
                 Ok(Response::Context(self.info(&owner, c)))
             }
+            Op::Ping => Ok(Response::Ok),
         }
     }
 
