@@ -242,6 +242,25 @@ impl From<ApiError> for MethodError {
     }
 }
 
+impl MethodError {
+    /// The error's message (with the retry-after of a retryable error).
+    fn text(&self) -> String {
+        match self {
+            MethodError::ZBus(e) => e.to_string(),
+            MethodError::InvalidRequest(m)
+            | MethodError::NotFound(m)
+            | MethodError::PermissionDenied(m)
+            | MethodError::ContextWindowExceeded(m)
+            | MethodError::QuotaExceeded(m)
+            | MethodError::Busy(m)
+            | MethodError::BackgroundBlocked(m)
+            | MethodError::ModelUnavailable(m)
+            | MethodError::Cancelled(m)
+            | MethodError::Internal(m) => m.clone(),
+        }
+    }
+}
+
 /// Results of the interface's methods (the `interface` macro needs the name `Result`).
 type Result<T, E = MethodError> = std::result::Result<T, E>;
 
@@ -404,7 +423,8 @@ async fn drain(emitter: SignalEmitter<'static>, mut stream: PromptStream, reg: R
             },
             Some(StreamItem::Failed(e)) => {
                 let name = e.code.dbus_name();
-                Llm1::failed(&emitter, request, &name, &e.message).await
+                let message = MethodError::from(e);
+                Llm1::failed(&emitter, request, &name, &message.text()).await
             }
             None => {
                 let name = ErrorCode::Internal.dbus_name();
