@@ -29,10 +29,10 @@ pub use llmsd_ipc::{
     Health, ModelInfo, Priority, PromptInput, PromptRequest, ResponseFormat, TokenEvent,
     PROTOCOL_VERSION,
 };
-pub use llmsd_ipc::{Door, Quota, QuotaKey, QuotaReport, QuotaSet, QuotaUsage, Usage};
 use llmsd_ipc::{
     ClientFrame, CreateContext, Event, Request, Response, ServerFrame, TokenizeRequest,
 };
+pub use llmsd_ipc::{Door, Quota, QuotaKey, QuotaReport, QuotaSet, QuotaUsage, Usage};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;

@@ -478,10 +478,18 @@ impl Service {
         if !caller.admin && caller.app != app {
             return Err(ApiError::new(
                 ErrorCode::PermissionDenied,
-                format!("only admins may see another app's quota ({} asked for {app})", caller.app),
+                format!(
+                    "only admins may see another app's quota ({} asked for {app})",
+                    caller.app
+                ),
             ));
         }
-        match self.op(Op::Quota { app: app.to_string() }).await? {
+        match self
+            .op(Op::Quota {
+                app: app.to_string(),
+            })
+            .await?
+        {
             Response::Quota(r) => Ok(r),
             other => Err(unexpected(other)),
         }

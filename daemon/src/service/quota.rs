@@ -21,9 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use llmsd_ipc::{
-    ApiError, Door, ErrorCode, Priority, Quota, QuotaKey, QuotaReport, QuotaUsage,
-};
+use llmsd_ipc::{ApiError, Door, ErrorCode, Priority, Quota, QuotaKey, QuotaReport, QuotaUsage};
 use serde::{Deserialize, Serialize};
 
 use super::energy::{self, EnergyConfig};
@@ -321,7 +319,9 @@ impl QuotaBook {
 
     fn battery_scaled(&self, mut q: Quota, on_battery: bool) -> Quota {
         if on_battery {
-            q.joules_per_hour = q.joules_per_hour.map(|j| j * self.cfg.energy.battery_factor);
+            q.joules_per_hour = q
+                .joules_per_hour
+                .map(|j| j * self.cfg.energy.battery_factor);
         }
         q
     }
@@ -426,7 +426,10 @@ impl QuotaBook {
                 QuotaKey::MaxConcurrent,
                 ApiError::quota(
                     CONCURRENT_RETRY_MS,
-                    format!("app {app} has {} prompts in flight (quota max_concurrent {max})", u.running),
+                    format!(
+                        "app {app} has {} prompts in flight (quota max_concurrent {max})",
+                        u.running
+                    ),
                 ),
             ))
         } else if let Some(limit) = q
@@ -522,7 +525,11 @@ impl QuotaBook {
         let mut st = self.lock();
         st.usage.energy_total_j += metered_j;
         for c in charges {
-            let u = st.usage.apps.entry(app_of(c.owner).to_string()).or_default();
+            let u = st
+                .usage
+                .apps
+                .entry(app_of(c.owner).to_string())
+                .or_default();
             if c.tokens > 0 {
                 u.tokens.add(TOKENS, now, c.tokens as f64);
             }
@@ -700,7 +707,12 @@ impl QuotaBook {
             "llmsd_energy_source{{source=\"{}\"}} 1",
             self.energy_source
         );
-        head(&mut out, "on_battery", "gauge", "1 when the machine runs on battery.");
+        head(
+            &mut out,
+            "on_battery",
+            "gauge",
+            "1 when the machine runs on battery.",
+        );
         let _ = writeln!(out, "llmsd_on_battery {}", u8::from(on_battery));
         // App names are [A-Za-z0-9._-]: nothing to escape in a label.
         head(
@@ -1048,7 +1060,10 @@ mod tests {
         b.flush(true);
         use std::os::unix::fs::PermissionsExt;
         for f in ["quotas.json", "usage.json"] {
-            let mode = std::fs::metadata(d.path().join(f)).unwrap().permissions().mode();
+            let mode = std::fs::metadata(d.path().join(f))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600, "{f}");
         }
         drop(b);
@@ -1061,7 +1076,9 @@ mod tests {
         assert_eq!(b.context_energy("u0:notes", "ctx-1"), 0.5);
         b.forget_context("u0:notes", "ctx-1");
         assert_eq!(b.context_energy("u0:notes", "ctx-1"), 0.0);
-        assert!(b.render_metrics().contains("llmsd_energy_joules_total 0.8\n"));
+        assert!(b
+            .render_metrics()
+            .contains("llmsd_energy_joules_total 0.8\n"));
         // A damaged quotas file stops the daemon rather than dropping the limits.
         std::fs::write(d.path().join("quotas.json"), "{").unwrap();
         assert!(QuotaBook::open(d.path(), QuotaConfig::default(), "cpu").is_err());

@@ -983,8 +983,8 @@ impl Scheduler {
             } else {
                 0.0
             };
-            let counted = (r.prefilled - r.charged_prefilled)
-                + (r.gen.generated.len() - r.charged_generated);
+            let counted =
+                (r.prefilled - r.charged_prefilled) + (r.gen.generated.len() - r.charged_generated);
             r.charged_prefilled = r.prefilled;
             r.charged_generated = r.gen.generated.len();
             r.energy_j += joules;

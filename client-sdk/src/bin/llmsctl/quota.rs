@@ -160,7 +160,11 @@ fn table(r: &QuotaReport) -> String {
     let mut out = format!(
         "app {} ({})\n{:<20} {:>14} {:>14} {:>14}\n",
         r.app,
-        if r.on_battery { "on battery" } else { "on mains" },
+        if r.on_battery {
+            "on battery"
+        } else {
+            "on mains"
+        },
         "quota",
         "set",
         "config",
