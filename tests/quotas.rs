@@ -286,7 +286,7 @@ impl Via {
 
 /// A generation kept running (to hold a `max_concurrent` place).
 enum Running {
-    Socket(TokenStream),
+    Socket(Box<TokenStream>),
     Dbus(u64),
     Http(TcpStream),
 }
@@ -424,7 +424,7 @@ impl Doors {
                     .await
                     .expect("prompt");
                 s.next_token().await.expect("a token").expect("not ended");
-                Running::Socket(s)
+                Running::Socket(Box::new(s))
             }
             // The reply (the request id) comes once the prompt is admitted.
             Via::Dbus => Running::Dbus(

@@ -301,7 +301,7 @@ impl Client {
             })
             .await?
         {
-            Response::Quota(r) => Ok(r),
+            Response::Quota(r) => Ok(*r),
             other => Err(unexpected(other)),
         }
     }
@@ -321,7 +321,7 @@ impl Client {
             }))
             .await?
         {
-            Response::Quota(r) => Ok(r),
+            Response::Quota(r) => Ok(*r),
             other => Err(unexpected(other)),
         }
     }

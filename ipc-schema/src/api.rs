@@ -244,7 +244,7 @@ pub enum Response {
     Tokens(Vec<u32>),
     Model(ModelInfo),
     Health(Health),
-    Quota(QuotaReport),
+    Quota(Box<QuotaReport>),
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -209,8 +209,10 @@ impl Service {
             template,
             cfg.clone(),
             metrics.clone(),
-            quotas.clone(),
-            meter,
+            scheduler::Accounting {
+                quotas: quotas.clone(),
+                meter,
+            },
             {
                 let requests = requests.clone();
                 Box::new(move |id| {
@@ -490,7 +492,7 @@ impl Service {
             })
             .await?
         {
-            Response::Quota(r) => Ok(r),
+            Response::Quota(r) => Ok(*r),
             other => Err(unexpected(other)),
         }
     }

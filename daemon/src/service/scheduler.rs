@@ -126,6 +126,12 @@ impl Running {
 
 pub(crate) type Forget = Box<dyn Fn(u64) + Send>;
 
+/// What the engine thread charges work to: the quota book and the energy meter.
+pub(crate) struct Accounting {
+    pub quotas: Arc<QuotaBook>,
+    pub meter: EnergyMeter,
+}
+
 pub(crate) struct Scheduler {
     store: KvStore,
     tokenizer: Arc<Tokenizer>,
@@ -195,10 +201,10 @@ impl Scheduler {
         template: Option<ChatTemplate>,
         cfg: ServiceConfig,
         metrics: Arc<Metrics>,
-        quotas: Arc<QuotaBook>,
-        meter: EnergyMeter,
+        accounting: Accounting,
         forget: Forget,
     ) -> Self {
+        let Accounting { quotas, meter } = accounting;
         let transcripts = TranscriptStore::new(&store.config().state_dir);
         let quantum = cfg.quantum_tokens as u64;
         let s = Self {
@@ -379,7 +385,7 @@ impl Scheduler {
             }
             Op::Quota { app } => {
                 let held = self.app_contexts(&app) as u64;
-                Ok(Response::Quota(self.quotas.report(&app, held)))
+                Ok(Response::Quota(Box::new(self.quotas.report(&app, held))))
             }
         }
     }
