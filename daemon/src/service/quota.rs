@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use llmsd_ipc::{ApiError, Door, ErrorCode, Priority, Quota, QuotaKey, QuotaReport, QuotaUsage};
+use llmsd_ipc::{ApiError, ErrorCode, Priority, Quota, QuotaKey, QuotaReport, QuotaUsage};
 use serde::{Deserialize, Serialize};
 
 use super::energy::{self, EnergyConfig};
@@ -479,11 +479,13 @@ impl QuotaBook {
         ))
     }
 
-    /// Before a context is created for `app`, which holds `held` of them.
-    pub fn check_contexts(&self, app: &str, held: usize) -> Result<(), ApiError> {
+    /// Before a context is created for `app`; `held` counts its contexts (only called when
+    /// the app has a limit).
+    pub fn check_contexts(&self, app: &str, held: impl FnOnce() -> usize) -> Result<(), ApiError> {
         let mut st = self.lock();
-        match self.resolved(&st, app).max_contexts {
-            Some(max) if held >= max as usize => {
+        let max = self.resolved(&st, app).max_contexts;
+        match max.map(|m| (m, held())) {
+            Some((max, held)) if held >= max as usize => {
                 let e = ApiError::quota(
                     STATIC_RETRY_MS,
                     format!(
@@ -759,18 +761,10 @@ impl QuotaBook {
     }
 }
 
-/// The doors a quota allows, for messages and tables.
-pub fn doors_text(doors: &Option<Vec<Door>>) -> String {
-    match doors {
-        None => "all".into(),
-        Some(d) if d.is_empty() => "none".into(),
-        Some(d) => d.iter().map(|d| d.name()).collect::<Vec<_>>().join(","),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use llmsd_ipc::Door;
 
     fn book(dir: &Path, cfg: QuotaConfig) -> Arc<QuotaBook> {
         Arc::new(QuotaBook::open(dir, cfg, "cpu").unwrap())
@@ -950,8 +944,8 @@ mod tests {
             &[],
         )
         .unwrap();
-        assert!(b.check_contexts("ctx", 1).is_ok());
-        let e = b.check_contexts("ctx", 2).unwrap_err();
+        assert!(b.check_contexts("ctx", || 1).is_ok());
+        let e = b.check_contexts("ctx", || 2).unwrap_err();
         assert_eq!(e.retry_after_ms, Some(STATIC_RETRY_MS));
         assert_eq!(b.context_limit("ctx"), Some(64));
         assert_eq!(b.context_limit("other"), None);

@@ -333,8 +333,8 @@ impl Scheduler {
     fn op(&mut self, op: Op) -> Result<Response, ApiError> {
         match op {
             Op::Create { owner, system } => {
-                self.quotas
-                    .check_contexts(app_of(&owner), self.app_contexts(app_of(&owner)))?;
+                let app = app_of(&owner);
+                self.quotas.check_contexts(app, || self.app_contexts(app))?;
                 let id = self.store.create_context(&owner, &[]).map_err(api_error)?;
                 if let Some(system) = system {
                     let t = Transcript::Chat {
@@ -370,8 +370,8 @@ impl Scheduler {
                 Ok(Response::Ok)
             }
             Op::Fork { owner, id } => {
-                self.quotas
-                    .check_contexts(app_of(&owner), self.app_contexts(app_of(&owner)))?;
+                let app = app_of(&owner);
+                self.quotas.check_contexts(app, || self.app_contexts(app))?;
                 let new = self.store.fork(&owner, &id).map_err(api_error)?;
                 let t = self.transcripts.load(&owner, &id);
                 if t != Transcript::Empty {
