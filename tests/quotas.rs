@@ -634,6 +634,26 @@ fn every_quota_is_refused_with_a_retry_after_on_every_door() {
                 .unwrap_err();
             e.assert_quota(60_000..=60_000, &format!("max_context_tokens over {via:?}"));
             assert!(e.message.contains("max_context_tokens"), "{e:?}");
+            if via == Via::Dbus {
+                // Streamed, the refusal comes as a Failed signal with the same retry-after.
+                use futures_util::StreamExt;
+                let mut failed = doors.bus.receive_failed().await.expect("subscribe");
+                let p = serde_json::to_string(&params(2, false)).unwrap();
+                let id = doors
+                    .bus
+                    .chat(&app("len"), "", "Hi", &p)
+                    .await
+                    .expect("chat");
+                let signal = failed.next().await.expect("a Failed signal");
+                let args = signal.args().expect("arguments");
+                assert_eq!(*args.request(), id);
+                assert_eq!(*args.error(), "org.llmsd.Error.QuotaExceeded");
+                assert!(
+                    args.message().ends_with("(retry after 60000 ms)"),
+                    "{}",
+                    args.message()
+                );
+            }
 
             // max_concurrent: one running, the next refused at once.
             set_quota(

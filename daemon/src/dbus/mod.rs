@@ -221,12 +221,17 @@ pub enum MethodError {
     Internal(String),
 }
 
+/// An error's message for D-Bus: a retryable one ends with `(retry after N ms)`.
+fn dbus_message(e: &ApiError) -> String {
+    match e.retry_after_ms {
+        Some(ms) => format!("{} (retry after {ms} ms)", e.message),
+        None => e.message.clone(),
+    }
+}
+
 impl From<ApiError> for MethodError {
     fn from(e: ApiError) -> Self {
-        let m = match e.retry_after_ms {
-            Some(ms) => format!("{} (retry after {ms} ms)", e.message),
-            None => e.message,
-        };
+        let m = dbus_message(&e);
         match e.code {
             ErrorCode::InvalidRequest => MethodError::InvalidRequest(m),
             ErrorCode::NotFound => MethodError::NotFound(m),
@@ -238,25 +243,6 @@ impl From<ApiError> for MethodError {
             ErrorCode::ModelUnavailable => MethodError::ModelUnavailable(m),
             ErrorCode::Cancelled => MethodError::Cancelled(m),
             ErrorCode::Internal => MethodError::Internal(m),
-        }
-    }
-}
-
-impl MethodError {
-    /// The error's message (with the retry-after of a retryable error).
-    fn text(&self) -> String {
-        match self {
-            MethodError::ZBus(e) => e.to_string(),
-            MethodError::InvalidRequest(m)
-            | MethodError::NotFound(m)
-            | MethodError::PermissionDenied(m)
-            | MethodError::ContextWindowExceeded(m)
-            | MethodError::QuotaExceeded(m)
-            | MethodError::Busy(m)
-            | MethodError::BackgroundBlocked(m)
-            | MethodError::ModelUnavailable(m)
-            | MethodError::Cancelled(m)
-            | MethodError::Internal(m) => m.clone(),
         }
     }
 }
@@ -423,8 +409,7 @@ async fn drain(emitter: SignalEmitter<'static>, mut stream: PromptStream, reg: R
             },
             Some(StreamItem::Failed(e)) => {
                 let name = e.code.dbus_name();
-                let message = MethodError::from(e);
-                Llm1::failed(&emitter, request, &name, &message.text()).await
+                Llm1::failed(&emitter, request, &name, &dbus_message(&e)).await
             }
             None => {
                 let name = ErrorCode::Internal.dbus_name();

@@ -506,7 +506,8 @@ impl Service {
             ));
         }
         self.inner.quotas.set(&req.app, &req.quota, &req.clear)?;
-        tracing::info!(caller = %caller, app = req.app, "quota changed");
+        tracing::info!(caller = %caller, app = req.app, quota = ?req.quota, clear = ?req.clear,
+            "quota changed");
         self.quota_get(caller, &req.app).await
     }
 

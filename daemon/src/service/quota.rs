@@ -617,7 +617,6 @@ impl QuotaBook {
         durable::write_json_atomic(&self.quotas_path, &QuotasFile { apps: apps.clone() })
             .map_err(|e| ApiError::internal(format!("saving the quotas: {e}")))?;
         st.set = apps;
-        tracing::info!(app, quota = ?st.set.get(app), "quota set");
         Ok(())
     }
 
