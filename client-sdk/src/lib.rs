@@ -32,6 +32,7 @@ pub use llmsd_ipc::{
 use llmsd_ipc::{
     ClientFrame, CreateContext, Event, Request, Response, ServerFrame, TokenizeRequest,
 };
+pub use llmsd_ipc::{Door, Quota, QuotaKey, QuotaReport, QuotaSet, QuotaUsage, Usage};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
@@ -288,6 +289,39 @@ impl Client {
     pub async fn health(&self) -> Result<Health> {
         match self.call(Request::Health).await? {
             Response::Health(h) => Ok(h),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// An app's quota and usage (admins: any app; others: the app this client is).
+    pub async fn quota_get(&self, app: &str) -> Result<QuotaReport> {
+        match self
+            .call(Request::QuotaGet {
+                app: app.to_string(),
+            })
+            .await?
+        {
+            Response::Quota(r) => Ok(*r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Sets the keys `quota` sets and clears those in `clear` (admins only).
+    pub async fn quota_set(
+        &self,
+        app: &str,
+        quota: Quota,
+        clear: Vec<QuotaKey>,
+    ) -> Result<QuotaReport> {
+        match self
+            .call(Request::QuotaSet(QuotaSet {
+                app: app.to_string(),
+                quota,
+                clear,
+            }))
+            .await?
+        {
+            Response::Quota(r) => Ok(*r),
             other => Err(unexpected(other)),
         }
     }

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use llmsd_ipc::Priority;
+use llmsd_ipc::{Door, Priority, Quota};
 use serde::Deserialize;
 
 use crate::kvstore::Policy;
@@ -48,6 +48,23 @@ pub struct ConfigFile {
     pub scheduler: SchedulerSection,
     /// Per-app settings, by app name.
     pub apps: HashMap<String, AppSection>,
+    /// Every app's quota defaults (the keys of `[apps.NAME]`'s quotas).
+    pub quotas: Quota,
+    pub energy: EnergySection,
+}
+
+/// `[energy]`: how energy is measured and what battery power changes.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EnergySection {
+    /// `auto` (RAPL when readable, else CPU time), `rapl` or `cpu`.
+    pub source: Option<crate::service::energy::SourceChoice>,
+    /// Watts one busy core draws, for the CPU-time model.
+    pub watts_per_core: Option<f64>,
+    /// `joules_per_hour` quotas are multiplied by this on battery (0-1).
+    pub battery_factor: Option<f64>,
+    /// Refuse background prompts on battery.
+    pub block_background_on_battery: Option<bool>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -73,6 +90,29 @@ pub struct SchedulerSection {
 #[serde(default, deny_unknown_fields)]
 pub struct AppSection {
     pub priority: Option<Priority>,
+    pub tokens_per_min: Option<u64>,
+    pub joules_per_hour: Option<f64>,
+    pub max_contexts: Option<u32>,
+    pub max_context_tokens: Option<u32>,
+    pub max_concurrent: Option<u32>,
+    pub doors: Option<Vec<Door>>,
+    pub background_allowed: Option<bool>,
+}
+
+impl AppSection {
+    /// The app's quota keys (`priority` included: the owner's pin).
+    pub fn quota(&self) -> Quota {
+        Quota {
+            tokens_per_min: self.tokens_per_min,
+            joules_per_hour: self.joules_per_hour,
+            max_contexts: self.max_contexts,
+            max_context_tokens: self.max_context_tokens,
+            max_concurrent: self.max_concurrent,
+            doors: self.doors.clone(),
+            background_allowed: self.background_allowed,
+            priority: self.priority,
+        }
+    }
 }
 
 impl ConfigFile {
@@ -100,6 +140,14 @@ impl ConfigFile {
                 ));
             }
         }
+        c.quotas.validate().map_err(|e| format!("quotas: {e}"))?;
+        for (name, app) in &c.apps {
+            crate::service::identity::validate_app(name).map_err(|e| e.message)?;
+            app.quota()
+                .validate()
+                .map_err(|e| format!("apps.{name}: {e}"))?;
+        }
+        crate::service::energy::validate(c.energy.watts_per_core, c.energy.battery_factor)?;
         Ok(c)
     }
 }
@@ -401,6 +449,56 @@ mod tests {
         assert!(ConfigFile::parse("[kv]\npolicy = 'fast'").is_err());
         assert!(ConfigFile::parse("[http_keys]\n'k' = 'a'").is_err());
         assert!(ConfigFile::parse("[http_keys]\n'longenoughkey' = 'a b'").is_err());
+    }
+
+    #[test]
+    fn quotas_and_energy_parse_and_bad_values_are_refused() {
+        let c = ConfigFile::parse(
+            r#"
+            [quotas]
+            tokens_per_min = 6000
+            max_contexts = 16
+            [apps.notes]
+            priority = "foreground"
+            joules_per_hour = 50.5
+            doors = ["socket", "dbus"]
+            background_allowed = false
+            [energy]
+            source = "cpu"
+            watts_per_core = 6.5
+            battery_factor = 0.25
+            block_background_on_battery = true
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.quotas.tokens_per_min, Some(6000));
+        let notes = c.apps["notes"].quota();
+        assert_eq!(notes.joules_per_hour, Some(50.5));
+        assert_eq!(notes.doors, Some(vec![Door::Socket, Door::Dbus]));
+        assert_eq!(notes.priority, Some(Priority::Foreground));
+        assert_eq!(
+            c.energy.source,
+            Some(crate::service::energy::SourceChoice::Cpu)
+        );
+        for bad in [
+            "[quotas]\njoules_per_hour = -1.0",
+            "[quotas]\ntokens_per_min = -5",
+            "[quotas]\njoules_per_hour = nan",
+            "[quotas]\ntokens_per_minute = 5",
+            "[apps.x]\njoules_per_hour = inf",
+            "[apps.x]\ndoors = [\"smtp\"]",
+            "[apps.x]\ndoors = [\"http\", \"http\"]",
+            "[apps.'a b']\nmax_contexts = 1",
+            "[energy]\nsource = \"gpu\"",
+            "[energy]\nwatts_per_core = 0.0",
+            "[energy]\nbattery_factor = 2.0",
+            "[energy]\nwatts = 4.0",
+        ] {
+            assert!(ConfigFile::parse(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(ConfigFile::parse("[quotas]\njoules_per_hour = -1.0")
+            .unwrap_err()
+            .contains("joules_per_hour"));
     }
 
     #[test]

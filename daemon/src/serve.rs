@@ -8,6 +8,8 @@ use anyhow::{Context, Result};
 use llmsd::config::{self, BusChoice, ConfigFile};
 use llmsd::http::HttpOptions;
 use llmsd::kvstore::{Policy, StoreConfig};
+use llmsd::service::energy::EnergyConfig;
+use llmsd::service::quota::QuotaConfig;
 use llmsd::service::{Service, ServiceConfig, ServiceParts};
 use llmsd::systemd::InheritedSockets;
 
@@ -154,6 +156,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         .collect();
 
     svc.admin = config::admin_policy(file.admin_group.as_deref())?;
+    svc.quota = quota_config(&file);
 
     let config_shown = config_path
         .as_deref()
@@ -282,6 +285,34 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     rt.shutdown_timeout(std::time::Duration::from_secs(2));
     let _ = engine.join();
     result
+}
+
+/// Quota defaults and energy settings from the file; `LLMSD_POWERCAP_DIR` and
+/// `LLMSD_POWER_SUPPLY_DIR` move the sysfs roots (tests use fake trees).
+fn quota_config(file: &ConfigFile) -> QuotaConfig {
+    let e = &file.energy;
+    let mut energy = EnergyConfig::default();
+    energy.source = e.source.unwrap_or(energy.source);
+    energy.watts_per_core = e.watts_per_core.unwrap_or(energy.watts_per_core);
+    energy.battery_factor = e.battery_factor.unwrap_or(energy.battery_factor);
+    energy.block_background_on_battery = e
+        .block_background_on_battery
+        .unwrap_or(energy.block_background_on_battery);
+    if let Some(d) = std::env::var_os("LLMSD_POWERCAP_DIR").filter(|d| !d.is_empty()) {
+        energy.powercap_dir = d.into();
+    }
+    if let Some(d) = std::env::var_os("LLMSD_POWER_SUPPLY_DIR").filter(|d| !d.is_empty()) {
+        energy.power_supply_dir = d.into();
+    }
+    QuotaConfig {
+        defaults: file.quotas.clone(),
+        apps: file
+            .apps
+            .iter()
+            .map(|(name, app)| (name.clone(), app.quota()))
+            .collect(),
+        energy,
+    }
 }
 
 async fn shutdown_signal() {

@@ -277,6 +277,10 @@ async fn handle(
         Request::Tokenize(t) => Response::Tokens(service.tokenize(&t)?),
         Request::ModelInfo => Response::Model(service.model_info()),
         Request::Health => Response::Health(service.health()),
+        Request::QuotaGet { app } => {
+            Response::Quota(Box::new(service.quota_get(caller, &app).await?))
+        }
+        Request::QuotaSet(q) => Response::Quota(Box::new(service.quota_set(caller, q).await?)),
         Request::Cancel { request } => {
             let target = prompts.lock().await.get(&request).copied();
             match target {

@@ -64,6 +64,11 @@ pub enum Request {
     ModelInfo,
     /// → [`Response::Health`]
     Health,
+    /// An app's quota and usage (admins: any app; others: the app they connected as).
+    /// → [`Response::Quota`]
+    QuotaGet { app: String },
+    /// Sets or clears keys of an app's quota (admins only; persisted). → [`Response::Quota`]
+    QuotaSet(QuotaSet),
 }
 
 impl Request {
@@ -80,6 +85,8 @@ impl Request {
             Request::Tokenize(_) => "tokenize",
             Request::ModelInfo => "model_info",
             Request::Health => "health",
+            Request::QuotaGet { .. } => "quota_get",
+            Request::QuotaSet(_) => "quota_set",
         }
     }
 }
@@ -237,6 +244,7 @@ pub enum Response {
     Tokens(Vec<u32>),
     Model(ModelInfo),
     Health(Health),
+    Quota(Box<QuotaReport>),
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -250,6 +258,9 @@ pub struct ContextInfo {
     pub disk_bytes: u64,
     pub created_unix: u64,
     pub last_use_unix: u64,
+    /// Energy spent on this context's calls so far, in joules.
+    #[serde(default)]
+    pub energy_j: f64,
 }
 
 /// One generated token, streamed as it is sampled.
@@ -328,7 +339,7 @@ pub struct Completion {
     pub prompt_logprobs: Option<Vec<Option<TokenLogprob>>>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Usage {
     /// Tokens of the whole prompt (for a context: everything it held plus the new turn).
     pub prompt_tokens: u64,
@@ -336,6 +347,10 @@ pub struct Usage {
     pub cached_tokens: u64,
     pub completion_tokens: u64,
     pub total_tokens: u64,
+    /// Energy this call cost, in joules (its share of the engine steps it was in, see
+    /// `Health::energy_source`).
+    #[serde(default)]
+    pub energy_j: f64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -378,6 +393,204 @@ pub struct Health {
     pub uptime_s: f64,
     pub running: u64,
     pub queued: u64,
+    /// Where energy figures come from: `rapl` (powercap counters) or `cpu` (CPU time ×
+    /// watts per core).
+    #[serde(default)]
+    pub energy_source: String,
+    /// The machine runs on battery (energy quotas are tightened).
+    #[serde(default)]
+    pub on_battery: bool,
+}
+
+/// Limits of one app. `None` = inherited: the app's setting in the owner's config, then the
+/// config's `[quotas]` defaults, then unlimited (doors: all; background: allowed; priority:
+/// normal).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Quota {
+    /// Tokens prefilled plus tokens generated, over the last 60 s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_per_min: Option<u64>,
+    /// Joules over the last hour (times the battery factor on battery).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub joules_per_hour: Option<f64>,
+    /// Persistent contexts the app may hold.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_contexts: Option<u32>,
+    /// Tokens one context may hold (prompt and generation).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_context_tokens: Option<u32>,
+    /// Prompts queued or running at once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_concurrent: Option<u32>,
+    /// Doors the app may use.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub doors: Option<Vec<Door>>,
+    /// Whether background-priority prompts are accepted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub background_allowed: Option<bool>,
+    /// The priority the owner pins the app at (an app may still lower a request to
+    /// background).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub priority: Option<Priority>,
+}
+
+impl Quota {
+    /// This quota with every key `over` sets replaced by its value.
+    pub fn overlaid(&self, over: &Quota) -> Quota {
+        Quota {
+            tokens_per_min: over.tokens_per_min.or(self.tokens_per_min),
+            joules_per_hour: over.joules_per_hour.or(self.joules_per_hour),
+            max_contexts: over.max_contexts.or(self.max_contexts),
+            max_context_tokens: over.max_context_tokens.or(self.max_context_tokens),
+            max_concurrent: over.max_concurrent.or(self.max_concurrent),
+            doors: over.doors.clone().or_else(|| self.doors.clone()),
+            background_allowed: over.background_allowed.or(self.background_allowed),
+            priority: over.priority.or(self.priority),
+        }
+    }
+
+    /// Unsets one key.
+    pub fn clear(&mut self, key: QuotaKey) {
+        match key {
+            QuotaKey::TokensPerMin => self.tokens_per_min = None,
+            QuotaKey::JoulesPerHour => self.joules_per_hour = None,
+            QuotaKey::MaxContexts => self.max_contexts = None,
+            QuotaKey::MaxContextTokens => self.max_context_tokens = None,
+            QuotaKey::MaxConcurrent => self.max_concurrent = None,
+            QuotaKey::Doors => self.doors = None,
+            QuotaKey::BackgroundAllowed => self.background_allowed = None,
+            QuotaKey::Priority => self.priority = None,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == Quota::default()
+    }
+
+    /// Values no quota may take (the message names the key).
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(j) = self.joules_per_hour {
+            if !j.is_finite() || j < 0.0 {
+                return Err(format!(
+                    "joules_per_hour must be a finite number ≥ 0, got {j}"
+                ));
+            }
+        }
+        if let Some(d) = &self.doors {
+            for (i, door) in d.iter().enumerate() {
+                if d[..i].contains(door) {
+                    return Err(format!("doors names {door} twice"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The keys of a [`Quota`], by their names (`tokens_per_min`, ...).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuotaKey {
+    TokensPerMin,
+    JoulesPerHour,
+    MaxContexts,
+    MaxContextTokens,
+    MaxConcurrent,
+    Doors,
+    BackgroundAllowed,
+    Priority,
+}
+
+impl QuotaKey {
+    pub const ALL: [QuotaKey; 8] = [
+        QuotaKey::TokensPerMin,
+        QuotaKey::JoulesPerHour,
+        QuotaKey::MaxContexts,
+        QuotaKey::MaxContextTokens,
+        QuotaKey::MaxConcurrent,
+        QuotaKey::Doors,
+        QuotaKey::BackgroundAllowed,
+        QuotaKey::Priority,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            QuotaKey::TokensPerMin => "tokens_per_min",
+            QuotaKey::JoulesPerHour => "joules_per_hour",
+            QuotaKey::MaxContexts => "max_contexts",
+            QuotaKey::MaxContextTokens => "max_context_tokens",
+            QuotaKey::MaxConcurrent => "max_concurrent",
+            QuotaKey::Doors => "doors",
+            QuotaKey::BackgroundAllowed => "background_allowed",
+            QuotaKey::Priority => "priority",
+        }
+    }
+}
+
+impl std::fmt::Display for QuotaKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for QuotaKey {
+    type Err = String;
+    /// The key's name, with `-` or `_` (`tokens-per-min` = `tokens_per_min`).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.replace('-', "_");
+        QuotaKey::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = QuotaKey::ALL.iter().map(|k| k.name()).collect();
+                format!("unknown quota key {s:?}; keys: {}", names.join(", "))
+            })
+    }
+}
+
+/// `quota_set`: keys of `quota` that are set replace the app's; keys in `clear` go back to
+/// inherited.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaSet {
+    pub app: String,
+    #[serde(default)]
+    pub quota: Quota,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clear: Vec<QuotaKey>,
+}
+
+/// An app's quota: what the owner set with `quota_set`, what the config says, what applies
+/// now, and what the app used.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct QuotaReport {
+    pub app: String,
+    /// Set with `quota_set` (persisted; wins over the config).
+    pub set: Quota,
+    /// From the config: `[apps.NAME]` over `[quotas]`.
+    pub config: Quota,
+    /// What is enforced now: `set` over `config`, with `joules_per_hour` times the battery
+    /// factor when on battery. Unset keys are unlimited (doors: all; background allowed).
+    pub effective: Quota,
+    pub on_battery: bool,
+    pub usage: QuotaUsage,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct QuotaUsage {
+    /// Tokens prefilled and generated in the last 60 s.
+    pub tokens_last_min: u64,
+    pub joules_last_hour: f64,
+    /// Persistent contexts the app holds (under every uid and door).
+    pub contexts: u64,
+    /// Prompts queued or running.
+    pub running: u64,
+    /// Since the app was first seen (survives restarts).
+    pub tokens_total: u64,
+    pub energy_j_total: f64,
+    /// `energy_j_total / tokens_total` (0 before the first token).
+    pub joules_per_token: f64,
 }
 
 #[cfg(test)]
@@ -434,5 +647,60 @@ mod tests {
             serde_json::to_value(Response::Tokens(vec![1, 2])).unwrap(),
             json!({"kind":"tokens","value":[1,2]})
         );
+    }
+
+    #[test]
+    fn quota_wire_forms_and_layers() {
+        let r: Request = serde_json::from_value(json!({
+            "method": "quota_set",
+            "params": {"app": "notes", "quota": {"tokens_per_min": 10, "joules_per_hour": 50,
+                        "doors": ["socket", "http"]}, "clear": ["max_contexts"]}
+        }))
+        .unwrap();
+        let Request::QuotaSet(q) = r else {
+            panic!("not quota_set: {r:?}")
+        };
+        assert_eq!(q.quota.tokens_per_min, Some(10));
+        assert_eq!(q.quota.joules_per_hour, Some(50.0));
+        assert_eq!(q.quota.doors, Some(vec![Door::Socket, Door::Http]));
+        assert_eq!(q.clear, vec![QuotaKey::MaxContexts]);
+        assert!(serde_json::from_value::<Quota>(json!({"tokens_per_minute": 1})).is_err());
+        assert_eq!(
+            serde_json::to_value(Quota {
+                max_contexts: Some(4),
+                ..Quota::default()
+            })
+            .unwrap(),
+            json!({"max_contexts": 4})
+        );
+        let base = Quota {
+            tokens_per_min: Some(100),
+            max_contexts: Some(8),
+            ..Quota::default()
+        };
+        let mut over = Quota {
+            tokens_per_min: Some(10),
+            background_allowed: Some(false),
+            ..Quota::default()
+        };
+        let both = base.overlaid(&over);
+        assert_eq!(both.tokens_per_min, Some(10));
+        assert_eq!(both.max_contexts, Some(8));
+        assert_eq!(both.background_allowed, Some(false));
+        over.clear(QuotaKey::TokensPerMin);
+        assert_eq!(base.overlaid(&over).tokens_per_min, Some(100));
+        for k in QuotaKey::ALL {
+            assert_eq!(k.name().parse::<QuotaKey>(), Ok(k));
+            assert_eq!(k.name().replace('_', "-").parse::<QuotaKey>(), Ok(k));
+        }
+        let bad = Quota {
+            joules_per_hour: Some(f64::NAN),
+            ..Quota::default()
+        };
+        assert!(bad.validate().unwrap_err().contains("joules_per_hour"));
+        let old: Usage = serde_json::from_value(json!({"prompt_tokens": 1, "cached_tokens": 0,
+            "completion_tokens": 2, "total_tokens": 3}))
+        .unwrap();
+        assert_eq!(old.energy_j, 0.0, "frames without energy_j still parse");
     }
 }

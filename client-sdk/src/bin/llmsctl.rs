@@ -7,6 +7,9 @@ use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use llmsd_client::{Client, GenerationParams};
 
+#[path = "llmsctl/quota.rs"]
+mod quota;
+
 #[derive(Parser)]
 #[command(
     name = "llmsctl",
@@ -64,6 +67,9 @@ enum Cmd {
         #[arg(long, default_value = "/usr/share/common-licenses/GPL-3")]
         prefill_file: PathBuf,
     },
+    /// An app's quota and usage; admins set quotas (`quota set APP --tokens-per-min 10`).
+    #[command(subcommand)]
+    Quota(quota::QuotaCmd),
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -130,6 +136,8 @@ async fn main() -> Result<()> {
             );
         }
         Cmd::Delete { context } => client.context(&context).delete().await?,
+        // Connects again, as the app it is about.
+        Cmd::Quota(q) => quota::run(&path, q).await?,
         Cmd::Bench {
             clients,
             turns,

@@ -221,12 +221,17 @@ pub enum MethodError {
     Internal(String),
 }
 
+/// An error's message for D-Bus: a retryable one ends with `(retry after N ms)`.
+fn dbus_message(e: &ApiError) -> String {
+    match e.retry_after_ms {
+        Some(ms) => format!("{} (retry after {ms} ms)", e.message),
+        None => e.message.clone(),
+    }
+}
+
 impl From<ApiError> for MethodError {
     fn from(e: ApiError) -> Self {
-        let m = match e.retry_after_ms {
-            Some(ms) => format!("{} (retry after {ms} ms)", e.message),
-            None => e.message,
-        };
+        let m = dbus_message(&e);
         match e.code {
             ErrorCode::InvalidRequest => MethodError::InvalidRequest(m),
             ErrorCode::NotFound => MethodError::NotFound(m),
@@ -404,7 +409,7 @@ async fn drain(emitter: SignalEmitter<'static>, mut stream: PromptStream, reg: R
             },
             Some(StreamItem::Failed(e)) => {
                 let name = e.code.dbus_name();
-                Llm1::failed(&emitter, request, &name, &e.message).await
+                Llm1::failed(&emitter, request, &name, &dbus_message(&e)).await
             }
             None => {
                 let name = ErrorCode::Internal.dbus_name();

@@ -143,7 +143,7 @@ async fn metrics(State(st): State<AppState>) -> Response {
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
         )],
-        st.service.metrics().render(),
+        st.service.metrics_text(),
     )
         .into_response()
 }

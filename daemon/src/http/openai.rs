@@ -2,12 +2,13 @@
 //! mapped to and from the service's [`PromptRequest`] and [`Completion`].
 //!
 //! Unknown request fields are ignored, as OpenAI does. llmsd extras in requests: `top_k`,
-//! `min_p`, `repetition_penalty` and `context` (a persistent context to continue); in
-//! responses: `context` and `timings`.
+//! `min_p`, `repetition_penalty`, `context` (a persistent context to continue), `priority`
+//! (`"background"` lowers the call's priority) and `ignore_eos` (vLLM's); in responses:
+//! `context`, `timings` and `usage.energy_j`.
 
 use llmsd_ipc::{
-    ChatMessage, Completion, GenerationParams, PromptInput, PromptRequest, ResponseFormat,
-    TokenLogprob, Usage,
+    ChatMessage, Completion, GenerationParams, Priority, PromptInput, PromptRequest,
+    ResponseFormat, TokenLogprob, Usage,
 };
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -60,6 +61,10 @@ pub struct Sampling {
     pub repetition_penalty: Option<f32>,
     /// A persistent context to continue (llmsd extension).
     pub context: Option<String>,
+    /// `background` lowers the call's priority (llmsd extension; raising is the owner's).
+    pub priority: Option<Priority>,
+    /// Generate `max_tokens` tokens whatever the model says (as vLLM's extension).
+    pub ignore_eos: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -176,6 +181,8 @@ impl Sampling {
             seed: self.seed,
             stop,
             response_format,
+            priority: self.priority.unwrap_or(defaults.priority),
+            ignore_eos: self.ignore_eos.unwrap_or(defaults.ignore_eos),
             ..defaults
         })
     }
@@ -342,6 +349,7 @@ pub fn usage_json(u: &Usage) -> Value {
         "completion_tokens": u.completion_tokens,
         "total_tokens": u.total_tokens,
         "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+        "energy_j": u.energy_j,
     })
 }
 

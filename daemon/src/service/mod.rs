@@ -5,10 +5,12 @@
 //! back through channels. Nothing here blocks a tokio worker on inference.
 
 pub mod drr;
+pub mod energy;
 pub mod generation;
 pub mod identity;
 pub mod json_constraint;
 pub mod metrics;
+pub mod quota;
 pub mod scheduler;
 pub mod transcript;
 
@@ -23,7 +25,7 @@ use llmsd_engine::pool::ThreadPool;
 use llmsd_engine::tokenizer::Tokenizer;
 use llmsd_ipc::{
     ApiError, Completion, ContextInfo, CreateContext, ErrorCode, Health, ModelInfo, Priority,
-    PromptRequest, Response, TokenEvent, TokenizeRequest,
+    PromptRequest, QuotaReport, QuotaSet, Response, TokenEvent, TokenizeRequest,
 };
 use tokio::sync::{mpsc as tmpsc, oneshot};
 
@@ -56,6 +58,8 @@ pub struct ServiceConfig {
     pub max_prompt_bytes: usize,
     /// Who may use admin verbs.
     pub admin: identity::AdminPolicy,
+    /// Quota defaults per app and how energy is measured.
+    pub quota: quota::QuotaConfig,
 }
 
 impl Default for ServiceConfig {
@@ -70,6 +74,7 @@ impl Default for ServiceConfig {
             app_priority: HashMap::new(),
             max_prompt_bytes: 1 << 20,
             admin: identity::AdminPolicy::default(),
+            quota: quota::QuotaConfig::default(),
         }
     }
 }
@@ -132,6 +137,7 @@ struct Inner {
     requests: Arc<Mutex<HashMap<u64, RequestEntry>>>,
     metrics: Arc<Metrics>,
     started: Instant,
+    quotas: Arc<quota::QuotaBook>,
 }
 
 /// The service every door calls. Cheap to clone.
@@ -182,6 +188,17 @@ impl Service {
             kv_policy: store.config().policy.name().to_string(),
         };
         let tokenizer = Arc::new(tokenizer);
+        let meter = energy::EnergyMeter::open(&cfg.quota.energy)
+            .map_err(|e| StoreError::Io(std::io::Error::other(e)))?;
+        tracing::info!(source = %meter.describe(), "energy meter");
+        let quotas = Arc::new(
+            quota::QuotaBook::open(
+                &store.config().state_dir,
+                cfg.quota.clone().with_priorities(&cfg.app_priority),
+                meter.source_name(),
+            )
+            .map_err(|e| StoreError::Io(std::io::Error::other(e)))?,
+        );
         let metrics = Arc::new(Metrics::new(store.config().kv_budget_bytes));
         let requests: Arc<Mutex<HashMap<u64, RequestEntry>>> = Arc::default();
         // Room for the queue plus context operations; beyond it callers get Busy.
@@ -192,6 +209,10 @@ impl Service {
             template,
             cfg.clone(),
             metrics.clone(),
+            scheduler::Accounting {
+                quotas: quotas.clone(),
+                meter,
+            },
             {
                 let requests = requests.clone();
                 Box::new(move |id| {
@@ -215,6 +236,7 @@ impl Service {
                 requests,
                 metrics,
                 started: Instant::now(),
+                quotas,
             }),
         };
         Ok((svc, handle))
@@ -246,6 +268,8 @@ impl Service {
             uptime_s: self.inner.started.elapsed().as_secs_f64(),
             running: m.running.load(Ordering::Relaxed),
             queued: m.queued.load(Ordering::Relaxed),
+            energy_source: self.inner.quotas.energy_source().to_string(),
+            on_battery: self.inner.quotas.on_battery(),
         }
     }
 
@@ -287,6 +311,7 @@ impl Service {
         if let Some(s) = &req.system {
             self.check_size("prompt", s.len())?;
         }
+        self.quota_door(caller)?;
         match self
             .op(Op::Create {
                 owner: caller.owner(),
@@ -338,6 +363,7 @@ impl Service {
     }
 
     pub async fn fork_context(&self, caller: &Caller, id: &str) -> Result<ContextInfo, ApiError> {
+        self.quota_door(caller)?;
         match self
             .op(Op::Fork {
                 owner: caller.owner(),
@@ -381,19 +407,13 @@ impl Service {
                 ),
             ));
         }
-        // The owner's mark wins; a request may only lower its own priority.
-        let marked = self
+        // The owner's mark wins; a request may only lower its own priority. Quotas refuse
+        // at once (never queued).
+        let (priority, quota_slot) = self
             .inner
-            .cfg
-            .app_priority
-            .get(&caller.app)
-            .copied()
-            .unwrap_or_default();
-        let priority = if req.params.priority == Priority::Background {
-            Priority::Background
-        } else {
-            marked
-        };
+            .quotas
+            .admit(caller, req.params.priority)
+            .inspect_err(|e| m.note_error(e.code))?;
         let id = self.inner.next_request.fetch_add(1, Ordering::Relaxed);
         let cancel = Arc::new(AtomicBool::new(false));
         let (events, rx) = tmpsc::unbounded_channel();
@@ -415,6 +435,7 @@ impl Service {
             events,
             cancel: cancel.clone(),
             enqueued: Instant::now(),
+            quota_slot,
         };
         if let Err(e) = self.send(Command::Prompt(Box::new(job))) {
             m.queued.fetch_sub(1, Ordering::Relaxed);
@@ -449,6 +470,58 @@ impl Service {
                 format!("no running request {request}"),
             )),
         }
+    }
+
+    /// Refuses context operations through a door the app's quota does not allow.
+    fn quota_door(&self, caller: &Caller) -> Result<(), ApiError> {
+        self.inner.quotas.check_door(caller).inspect_err(|e| {
+            self.inner.metrics.note_error(e.code);
+        })
+    }
+
+    /// An app's quota and usage: admins may ask about any app, others about the app they
+    /// are.
+    pub async fn quota_get(&self, caller: &Caller, app: &str) -> Result<QuotaReport, ApiError> {
+        identity::validate_app(app)?;
+        if !caller.admin && caller.app != app {
+            return Err(ApiError::new(
+                ErrorCode::PermissionDenied,
+                format!(
+                    "only admins may see another app's quota ({} asked for {app})",
+                    caller.app
+                ),
+            ));
+        }
+        match self
+            .op(Op::Quota {
+                app: app.to_string(),
+            })
+            .await?
+        {
+            Response::Quota(r) => Ok(*r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Sets or clears keys of an app's quota (admins only); persisted before it applies.
+    pub async fn quota_set(&self, caller: &Caller, req: QuotaSet) -> Result<QuotaReport, ApiError> {
+        if !caller.admin {
+            return Err(ApiError::new(
+                ErrorCode::PermissionDenied,
+                "setting quotas is for admins (root, the daemon's user or the admin group)",
+            ));
+        }
+        self.inner.quotas.set(&req.app, &req.quota, &req.clear)?;
+        tracing::info!(caller = %caller, app = req.app, quota = ?req.quota, clear = ?req.clear,
+            "quota changed");
+        self.quota_get(caller, &req.app).await
+    }
+
+    /// Prometheus text of the service and of app usage and energy.
+    pub fn metrics_text(&self) -> String {
+        let mut text = self.inner.metrics.render();
+        text.push_str(&self.inner.quotas.render_metrics());
+        text
     }
 
     /// Stops the engine after the running requests' current step; contexts are saved.

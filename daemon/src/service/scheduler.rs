@@ -22,8 +22,10 @@ use llmsd_ipc::{
 use tokio::sync::{mpsc as tmpsc, oneshot};
 
 use super::drr::Drr;
+use super::energy::EnergyMeter;
 use super::generation::{self, Generation, Step};
 use super::metrics::Metrics;
+use super::quota::{app_of, Charge, QuotaBook, QuotaSlot};
 use super::transcript::{Renderer, Transcript, TranscriptStore};
 use super::{api_error, ServiceConfig, StreamItem};
 use crate::kvstore::{KvStore, Session, SessionStep};
@@ -50,6 +52,10 @@ pub(crate) enum Op {
     },
     /// A round trip through the engine thread: the watchdog's proof that it is alive.
     Ping,
+    /// An app's quota report (the store counts its contexts).
+    Quota {
+        app: String,
+    },
 }
 
 pub(crate) enum Command {
@@ -66,6 +72,9 @@ pub(crate) struct PromptJob {
     pub events: tmpsc::UnboundedSender<StreamItem>,
     pub cancel: Arc<AtomicBool>,
     pub enqueued: Instant,
+    /// The app's place in its `max_concurrent`, held (never read) until the job is dropped.
+    #[allow(dead_code)]
+    pub quota_slot: QuotaSlot,
 }
 
 impl PromptJob {
@@ -102,6 +111,13 @@ struct Running {
     prefill_started: Option<Instant>,
     prefill_ms: f64,
     first_token: Option<Instant>,
+    /// Tokens the context may reach: the store's limit or the app's `max_context_tokens`.
+    ctx_limit: usize,
+    /// Joules charged to this call so far.
+    energy_j: f64,
+    /// Prompt positions and generated tokens already charged to the app's tokens window.
+    charged_prefilled: usize,
+    charged_generated: usize,
 }
 
 impl Running {
@@ -111,6 +127,12 @@ impl Running {
 }
 
 pub(crate) type Forget = Box<dyn Fn(u64) + Send>;
+
+/// What the engine thread charges work to: the quota book and the energy meter.
+pub(crate) struct Accounting {
+    pub quotas: Arc<QuotaBook>,
+    pub meter: EnergyMeter,
+}
 
 pub(crate) struct Scheduler {
     store: KvStore,
@@ -127,6 +149,8 @@ pub(crate) struct Scheduler {
     prefill_drr: Drr,
     cost: StepCost,
     shutdown: bool,
+    quotas: Arc<QuotaBook>,
+    meter: EnergyMeter,
 }
 
 /// Running estimates of what a step costs, to size prompt slices while others decode.
@@ -179,8 +203,10 @@ impl Scheduler {
         template: Option<ChatTemplate>,
         cfg: ServiceConfig,
         metrics: Arc<Metrics>,
+        accounting: Accounting,
         forget: Forget,
     ) -> Self {
+        let Accounting { quotas, meter } = accounting;
         let transcripts = TranscriptStore::new(&store.config().state_dir);
         let quantum = cfg.quantum_tokens as u64;
         let s = Self {
@@ -197,6 +223,8 @@ impl Scheduler {
             prefill_drr: Drr::new(quantum),
             cost: StepCost::default(),
             shutdown: false,
+            quotas,
+            meter,
         };
         s.update_gauges();
         s
@@ -271,6 +299,7 @@ impl Scheduler {
     fn info(&self, owner: &str, c: crate::kvstore::ContextInfo) -> ContextInfo {
         ContextInfo {
             messages: self.transcripts.load(owner, &c.id).messages() as u64,
+            energy_j: self.quotas.context_energy(owner, &c.id),
             id: c.id,
             tokens: c.tokens as u64,
             resident_bytes: c.resident_bytes,
@@ -278,6 +307,23 @@ impl Scheduler {
             created_unix: c.created_unix,
             last_use_unix: c.last_use_unix,
         }
+    }
+
+    /// Persistent contexts of `app` under every owner (one-off calls' contexts excluded).
+    fn app_contexts(&self, app: &str) -> usize {
+        let ephemeral = self
+            .running
+            .iter()
+            .filter(|r| r.ephemeral && app_of(&r.job.owner) == app)
+            .count();
+        let held: usize = self
+            .store
+            .apps()
+            .iter()
+            .filter(|o| app_of(o) == app)
+            .map(|o| self.store.list(o).len())
+            .sum();
+        held.saturating_sub(ephemeral)
     }
 
     fn in_use(&self, owner: &str, id: &str) -> bool {
@@ -289,6 +335,8 @@ impl Scheduler {
     fn op(&mut self, op: Op) -> Result<Response, ApiError> {
         match op {
             Op::Create { owner, system } => {
+                let app = app_of(&owner);
+                self.quotas.check_contexts(app, || self.app_contexts(app))?;
                 let id = self.store.create_context(&owner, &[]).map_err(api_error)?;
                 if let Some(system) = system {
                     let t = Transcript::Chat {
@@ -320,9 +368,12 @@ impl Scheduler {
                 }
                 self.store.delete(&owner, &id).map_err(api_error)?;
                 self.transcripts.delete(&owner, &id);
+                self.quotas.forget_context(&owner, &id);
                 Ok(Response::Ok)
             }
             Op::Fork { owner, id } => {
+                let app = app_of(&owner);
+                self.quotas.check_contexts(app, || self.app_contexts(app))?;
                 let new = self.store.fork(&owner, &id).map_err(api_error)?;
                 let t = self.transcripts.load(&owner, &id);
                 if t != Transcript::Empty {
@@ -335,6 +386,10 @@ impl Scheduler {
                 Ok(Response::Context(self.info(&owner, c)))
             }
             Op::Ping => Ok(Response::Ok),
+            Op::Quota { app } => {
+                let held = self.app_contexts(&app) as u64;
+                Ok(Response::Quota(Box::new(self.quotas.report(&app, held))))
+            }
         }
     }
 
@@ -412,8 +467,26 @@ impl Scheduler {
             if q.is_empty() {
                 self.waiting.remove(&owner);
             }
-            match self.start(job) {
-                Ok(r) => {
+            // Restoring a context (load, recompute) is charged to the call that needs it.
+            let e0 = self.meter.read();
+            let started = self.start(job);
+            let spent = self.meter.read() - e0;
+            let (owner, ctx) = match &started {
+                Ok(r) => (&r.job.owner, (!r.ephemeral).then_some(r.ctx.as_str())),
+                Err((job, _)) => (&job.owner, None),
+            };
+            self.quotas.record(
+                &[Charge {
+                    owner,
+                    context: ctx,
+                    tokens: 0,
+                    joules: spent,
+                }],
+                spent,
+            );
+            match started {
+                Ok(mut r) => {
+                    r.energy_j += spent;
                     self.prefill_drr.join(&r.job.owner);
                     self.running.push(r);
                 }
@@ -488,6 +561,17 @@ impl Scheduler {
             );
             return Err((job, e));
         }
+        let max_ctx = match self.quotas.context_limit(app_of(&owner)) {
+            Some(limit) if prompt.len() >= limit => {
+                cleanup(self);
+                let e = self
+                    .quotas
+                    .refuse_context_tokens(app_of(&owner), prompt.len(), limit);
+                return Err((job, e));
+            }
+            Some(limit) => limit.min(max_ctx),
+            None => max_ctx,
+        };
         if prompt.is_empty() {
             cleanup(self);
             return Err((job, ApiError::invalid("the prompt has no tokens")));
@@ -557,6 +641,10 @@ impl Scheduler {
             prefill_started: None,
             prefill_ms: 0.0,
             first_token: None,
+            ctx_limit: max_ctx,
+            energy_j: 0.0,
+            charged_prefilled: cached,
+            charged_generated: 0,
             job,
         })
     }
@@ -564,6 +652,7 @@ impl Scheduler {
     /// One batched forward pass and what follows from it.
     fn step(&mut self) {
         let t0 = Instant::now();
+        let e0 = self.meter.read();
         let n = self.running.len();
         let prefilling = |r: &Running| matches!(r.phase, Phase::Prefill { .. });
         let fg_prefill = self
@@ -680,6 +769,9 @@ impl Scheduler {
                 // A failed step leaves these requests' caches unusable: end them, contexts
                 // as they were.
                 let e = api_error(e);
+                // Measured, but charged to no app: the calls end without a result.
+                let spent = self.meter.read() - e0;
+                self.quotas.record(&[], spent);
                 let mut idx: Vec<usize> = plan.iter().map(|p| p.0).collect();
                 idx.sort_unstable_by_key(|&i| std::cmp::Reverse(i));
                 for i in idx {
@@ -729,13 +821,15 @@ impl Scheduler {
                             .prefill_started
                             .map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
                         let last = block.len().saturating_sub(vocab);
-                        Self::sample(r, &mut block[last..], &self.tokenizer, max_ctx(&self.store))
+                        let limit = r.ctx_limit;
+                        Self::sample(r, &mut block[last..], &self.tokenizer, limit)
                     } else {
                         None
                     }
                 }
                 Phase::Decode { .. } => {
-                    Self::sample(r, &mut block, &self.tokenizer, max_ctx(&self.store))
+                    let limit = r.ctx_limit;
+                    Self::sample(r, &mut block, &self.tokenizer, limit)
                 }
             };
             if let Some(reason) = ended {
@@ -744,6 +838,8 @@ impl Scheduler {
         }
         let busy_us = t0.elapsed().as_micros() as u64;
         Metrics::add(&self.metrics.engine_busy_us_total, busy_us);
+        let spent = self.meter.read() - e0;
+        self.charge_step(&plan, spent);
         // Finish from the back so indices stay valid.
         done.sort_unstable_by_key(|d| std::cmp::Reverse(d.0));
         for (i, reason) in done {
@@ -803,11 +899,25 @@ impl Scheduler {
             return;
         };
         let owner = r.job.owner.clone();
+        let e0 = self.meter.read();
         if r.ephemeral {
             self.store.abort_session(session);
             let _ = self.store.delete(&owner, &r.ctx);
         } else {
-            if let Err(e) = self.store.close_session(session) {
+            let closed = self.store.close_session(session);
+            // Saving the context's changed chunks ahead of time is the call's cost too.
+            let spent = self.meter.read() - e0;
+            r.energy_j += spent;
+            self.quotas.record(
+                &[Charge {
+                    owner: &owner,
+                    context: Some(&r.ctx),
+                    tokens: 0,
+                    joules: spent,
+                }],
+                spent,
+            );
+            if let Err(e) = closed {
                 let e = api_error(e);
                 self.fail_job(&r.job, e);
                 return;
@@ -840,6 +950,7 @@ impl Scheduler {
             cached_tokens: r.cached as u64,
             completion_tokens: generated,
             total_tokens: r.prompt.len() as u64 + generated,
+            energy_j: r.energy_j,
         };
         let m = &self.metrics;
         Metrics::add(&m.completed_total, 1);
@@ -863,6 +974,44 @@ impl Scheduler {
         let _ = r.job.events.send(StreamItem::Done(Box::new(completion)));
         (self.forget)(r.job.request);
         self.update_store_gauges();
+        self.quotas.flush(false);
+    }
+
+    /// Splits a step's energy among its requests by the tokens each ran through the model,
+    /// so what the apps are charged adds up to what was measured; charges each app the
+    /// prompt tokens prefilled and the tokens generated since the last charge.
+    fn charge_step(&mut self, plan: &[(usize, Vec<u32>, Logits)], spent: f64) {
+        let ran: usize = plan.iter().map(|(_, t, _)| t.len()).sum();
+        let mut shares: Vec<(usize, u64, f64)> = Vec::with_capacity(plan.len());
+        for (i, tokens, _) in plan {
+            let Some(r) = self.running.get_mut(*i) else {
+                continue;
+            };
+            let joules = if ran > 0 {
+                spent * tokens.len() as f64 / ran as f64
+            } else {
+                0.0
+            };
+            let counted =
+                (r.prefilled - r.charged_prefilled) + (r.gen.generated.len() - r.charged_generated);
+            r.charged_prefilled = r.prefilled;
+            r.charged_generated = r.gen.generated.len();
+            r.energy_j += joules;
+            shares.push((*i, counted as u64, joules));
+        }
+        let charges: Vec<Charge<'_>> = shares
+            .iter()
+            .map(|&(i, tokens, joules)| {
+                let r = &self.running[i];
+                Charge {
+                    owner: &r.job.owner,
+                    context: (!r.ephemeral).then_some(r.ctx.as_str()),
+                    tokens,
+                    joules,
+                }
+            })
+            .collect();
+        self.quotas.record(&charges, spent);
     }
 
     /// Ends a request without keeping anything of the call.
@@ -888,10 +1037,7 @@ impl Scheduler {
             }
         }
         self.store.flush();
+        self.quotas.flush(true);
         self.update_gauges();
     }
-}
-
-fn max_ctx(store: &KvStore) -> usize {
-    store.config().max_context_tokens
 }

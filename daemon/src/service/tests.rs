@@ -216,3 +216,46 @@ fn cancel_takes_effect_within_a_step() {
         assert!(after <= 2, "{after} tokens after cancel");
     });
 }
+
+#[test]
+fn only_admins_set_quotas_and_others_see_only_their_app() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = start(dir.path(), ServiceConfig::default());
+    let user = Caller::user(Door::Socket, 1000, 1000, None, "notes").unwrap();
+    let admin = Caller::user(Door::Socket, 0, 0, None, "llmsctl")
+        .unwrap()
+        .with_admin(true);
+    let set = QuotaSet {
+        app: "notes".into(),
+        quota: llmsd_ipc::Quota {
+            max_contexts: Some(1),
+            ..llmsd_ipc::Quota::default()
+        },
+        clear: Vec::new(),
+    };
+    rt().block_on(async {
+        let e = svc.quota_set(&user, set.clone()).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::PermissionDenied);
+        let r = svc.quota_set(&admin, set).await.unwrap();
+        assert_eq!(r.effective.max_contexts, Some(1));
+        let own = svc.quota_get(&user, "notes").await.unwrap();
+        assert_eq!(own.set.max_contexts, Some(1));
+        let e = svc.quota_get(&user, "mail").await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::PermissionDenied);
+        assert!(svc.quota_get(&admin, "mail").await.is_ok());
+        // Quotas are per app name: another uid's `notes` shares the one context.
+        svc.create_context(&user, CreateContext::default())
+            .await
+            .unwrap();
+        let other = Caller::user(Door::Dbus, 1001, 1001, None, "notes").unwrap();
+        let e = svc
+            .create_context(&other, CreateContext::default())
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::QuotaExceeded);
+        assert_eq!(
+            svc.quota_get(&admin, "notes").await.unwrap().usage.contexts,
+            1
+        );
+    });
+}
