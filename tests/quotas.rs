@@ -1066,3 +1066,58 @@ fn energy_adds_up_battery_tightens_and_quotas_survive_a_restart() {
     });
     assert!(close(info.energy_j, ctx_info.energy_j, 1e-9), "{info:?}");
 }
+
+#[test]
+fn sighup_reloads_quotas_without_dropping_contexts() {
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let cfg = cfg_dir.path().join("llmsd.toml");
+    std::fs::write(&cfg, "[quotas]\nmax_contexts = 1\n").unwrap();
+    let cfg_arg = cfg.display().to_string();
+    let d = Daemon::start(false, &["--config", &cfg_arg]);
+    let pid = d.pid().expect("daemon pid") as i32;
+    let hup = |d: &Daemon, times: usize| {
+        let before = d.log_text().matches("configuration reload").count();
+        // SAFETY: kill with the pid of our own child and a valid signal number.
+        unsafe { libc::kill(pid, libc::SIGHUP) };
+        let t0 = std::time::Instant::now();
+        while d.log_text().matches("configuration reload").count() < before + times {
+            assert!(t0.elapsed() < Duration::from_secs(10), "no reload logged");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let c = Client::connect(&d.socket, "notes").await.unwrap();
+        let first = c.create_context(Some("Be brief.")).await.unwrap();
+        let refused = c
+            .create_context(None)
+            .await
+            .err()
+            .expect("over max_contexts");
+        assert_eq!(refused.code(), Some(ErrorCode::QuotaExceeded), "{refused}");
+        std::fs::write(&cfg, "[quotas]\nmax_contexts = 3\n").unwrap();
+        hup(&d, 1);
+        let second = c
+            .create_context(None)
+            .await
+            .expect("allowed after the reload");
+        let ids: Vec<String> = c
+            .list_contexts()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|i| i.id)
+            .collect();
+        assert!(ids.contains(&first.id().to_string()) && ids.contains(&second.id().to_string()));
+        // A file that no longer parses is refused; the old limits stay in force.
+        std::fs::write(&cfg, "[quotas]\nmax_contexts = \"many\"\n").unwrap();
+        hup(&d, 1);
+        assert!(d.log_text().contains("configuration reload refused"));
+        c.create_context(None).await.expect("third of 3");
+        let refused = c.create_context(None).await.err().expect("over 3");
+        assert_eq!(refused.code(), Some(ErrorCode::QuotaExceeded), "{refused}");
+    });
+}

@@ -2,6 +2,7 @@
 //! and the doors (Unix socket, D-Bus, HTTP), logs one line when ready, and shuts down cleanly
 //! on SIGTERM/SIGINT (running calls end without changing their contexts; swap-outs flushed).
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -10,8 +11,9 @@ use llmsd::http::HttpOptions;
 use llmsd::kvstore::{Policy, StoreConfig};
 use llmsd::service::energy::EnergyConfig;
 use llmsd::service::quota::QuotaConfig;
-use llmsd::service::{Service, ServiceConfig, ServiceParts};
+use llmsd::service::{Reload, Service, ServiceConfig, ServiceParts};
 use llmsd::systemd::InheritedSockets;
+use llmsd_ipc::Priority;
 
 use crate::oneshot;
 
@@ -149,11 +151,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         );
         svc.prefill_latency_factor = f;
     }
-    svc.app_priority = file
-        .apps
-        .iter()
-        .filter_map(|(name, app)| app.priority.map(|p| (name.clone(), p)))
-        .collect();
+    svc.app_priority = app_priorities(&file);
 
     svc.admin = config::admin_policy(file.admin_group.as_deref())?;
     svc.quota = quota_config(&file);
@@ -261,7 +259,13 @@ pub fn serve(a: ServeArgs) -> Result<()> {
                 llmsd::systemd::notify,
             ))
         });
+        let reloader = tokio::spawn(reload_on_sighup(
+            service.clone(),
+            a.config.clone(),
+            a.system,
+        ));
         shutdown_signal().await;
+        reloader.abort();
         tracing::info!("shutting down");
         if let Some(t) = supervisor {
             t.abort();
@@ -285,6 +289,53 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     rt.shutdown_timeout(std::time::Duration::from_secs(2));
     let _ = engine.join();
     result
+}
+
+/// Reloads the configuration file on SIGHUP: quotas, app priorities and the admin group
+/// change for the calls that follow; contexts and running calls carry on. A file that no
+/// longer parses (or names an unknown admin group) is refused, keeping what was in force.
+async fn reload_on_sighup(service: Service, explicit: Option<PathBuf>, system: bool) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGHUP handler; configuration reload disabled");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
+        let loaded = config::load_config(explicit.as_deref(), system)
+            .map_err(anyhow::Error::from)
+            .and_then(|(file, path)| {
+                let admin = config::admin_policy(file.admin_group.as_deref())?;
+                Ok((file, path, admin))
+            });
+        match loaded {
+            Ok((file, path, admin)) => {
+                service.reload(Reload {
+                    quota: quota_config(&file),
+                    app_priority: app_priorities(&file),
+                    admin,
+                });
+                tracing::info!(
+                    config = %path.as_deref().map_or("(defaults)".into(), |p| p.display().to_string()),
+                    "configuration reloaded"
+                );
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "configuration reload refused; keeping the old one")
+            }
+        }
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    }
+}
+
+fn app_priorities(file: &ConfigFile) -> HashMap<String, Priority> {
+    file.apps
+        .iter()
+        .filter_map(|(name, app)| app.priority.map(|p| (name.clone(), p)))
+        .collect()
 }
 
 /// Quota defaults and energy settings from the file; `LLMSD_POWERCAP_DIR` and

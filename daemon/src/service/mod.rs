@@ -138,6 +138,15 @@ struct Inner {
     metrics: Arc<Metrics>,
     started: Instant,
     quotas: Arc<quota::QuotaBook>,
+    /// Who may use admin verbs (replaced on reload).
+    admin: std::sync::RwLock<identity::AdminPolicy>,
+}
+
+/// What a configuration reload (SIGHUP) changes while contexts and calls carry on.
+pub struct Reload {
+    pub quota: quota::QuotaConfig,
+    pub app_priority: HashMap<String, Priority>,
+    pub admin: identity::AdminPolicy,
 }
 
 /// The service every door calls. Cheap to clone.
@@ -231,6 +240,7 @@ impl Service {
                 tx,
                 tokenizer,
                 model_info,
+                admin: std::sync::RwLock::new(cfg.admin.clone()),
                 cfg,
                 next_request: AtomicU64::new(1),
                 requests,
@@ -248,7 +258,21 @@ impl Service {
 
     /// Whether a local caller (by its uid and primary gid) may use admin verbs.
     pub fn is_admin(&self, uid: u32, gid: u32) -> bool {
-        self.inner.cfg.admin.is_admin(uid, gid)
+        self.inner
+            .admin
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_admin(uid, gid)
+    }
+
+    /// Applies a reloaded configuration: quotas (defaults, per app, priorities, battery
+    /// settings) and the admin group. Contexts, running calls and what admins set at run
+    /// time are untouched.
+    pub fn reload(&self, r: Reload) {
+        self.inner
+            .quotas
+            .reload(r.quota.with_priorities(&r.app_priority));
+        *self.inner.admin.write().unwrap_or_else(|p| p.into_inner()) = r.admin;
     }
 
     pub fn model_info(&self) -> ModelInfo {

@@ -18,7 +18,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use llmsd_ipc::{ApiError, ErrorCode, Priority, Quota, QuotaKey, QuotaReport, QuotaUsage};
@@ -203,7 +203,8 @@ struct State {
 pub struct QuotaBook {
     quotas_path: PathBuf,
     usage_path: PathBuf,
-    cfg: QuotaConfig,
+    /// Replaced as a whole when the configuration is reloaded (SIGHUP).
+    cfg: RwLock<Arc<QuotaConfig>>,
     energy_source: &'static str,
     state: Mutex<State>,
 }
@@ -279,7 +280,7 @@ impl QuotaBook {
         Ok(Self {
             quotas_path,
             usage_path,
-            cfg,
+            cfg: RwLock::new(Arc::new(cfg)),
             energy_source,
             state: Mutex::new(State {
                 set,
@@ -295,18 +296,34 @@ impl QuotaBook {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn cfg(&self) -> Arc<QuotaConfig> {
+        Arc::clone(&self.cfg.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Applies reloaded configuration: quota defaults, per-app quotas and priorities, battery
+    /// settings. What admins set at run time stays on top; the energy source and the sysfs
+    /// roots stay as they were at start.
+    pub fn reload(&self, mut cfg: QuotaConfig) {
+        let old = self.cfg();
+        cfg.energy.source = old.energy.source;
+        cfg.energy.powercap_dir = old.energy.powercap_dir.clone();
+        cfg.energy.power_supply_dir = old.energy.power_supply_dir.clone();
+        *self.cfg.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(cfg);
+    }
+
     pub fn energy_source(&self) -> &'static str {
         self.energy_source
     }
 
     pub fn on_battery(&self) -> bool {
-        energy::on_battery(&self.cfg.energy.power_supply_dir)
+        energy::on_battery(&self.cfg().energy.power_supply_dir)
     }
 
     fn configured(&self, app: &str) -> Quota {
-        match self.cfg.apps.get(app) {
-            Some(q) => self.cfg.defaults.overlaid(q),
-            None => self.cfg.defaults.clone(),
+        let cfg = self.cfg();
+        match cfg.apps.get(app) {
+            Some(q) => cfg.defaults.overlaid(q),
+            None => cfg.defaults.clone(),
         }
     }
 
@@ -321,7 +338,7 @@ impl QuotaBook {
         if on_battery {
             q.joules_per_hour = q
                 .joules_per_hour
-                .map(|j| j * self.cfg.energy.battery_factor);
+                .map(|j| j * self.cfg().energy.battery_factor);
         }
         q
     }
@@ -404,12 +421,12 @@ impl QuotaBook {
             q.priority.unwrap_or_default()
         };
         let battery_matters = q.joules_per_hour.is_some()
-            || (priority == Priority::Background && self.cfg.energy.block_background_on_battery);
+            || (priority == Priority::Background && self.cfg().energy.block_background_on_battery);
         let on_battery = battery_matters && self.on_battery();
         if priority == Priority::Background {
             let why = if q.background_allowed == Some(false) {
                 Some(format!("app {app} may not run background prompts"))
-            } else if on_battery && self.cfg.energy.block_background_on_battery {
+            } else if on_battery && self.cfg().energy.block_background_on_battery {
                 Some("background prompts are blocked while on battery".to_string())
             } else {
                 None
