@@ -1092,11 +1092,9 @@ fn sighup_reloads_quotas_without_dropping_contexts() {
     rt.block_on(async {
         let c = Client::connect(&d.socket, "notes").await.unwrap();
         let first = c.create_context(Some("Be brief.")).await.unwrap();
-        let refused = c
-            .create_context(None)
-            .await
-            .err()
-            .expect("over max_contexts");
+        let Err(refused) = c.create_context(None).await else {
+            panic!("a second context over max_contexts = 1");
+        };
         assert_eq!(refused.code(), Some(ErrorCode::QuotaExceeded), "{refused}");
         std::fs::write(&cfg, "[quotas]\nmax_contexts = 3\n").unwrap();
         hup(&d, 1);
@@ -1117,7 +1115,9 @@ fn sighup_reloads_quotas_without_dropping_contexts() {
         hup(&d, 1);
         assert!(d.log_text().contains("configuration reload refused"));
         c.create_context(None).await.expect("third of 3");
-        let refused = c.create_context(None).await.err().expect("over 3");
+        let Err(refused) = c.create_context(None).await else {
+            panic!("a fourth context over max_contexts = 3");
+        };
         assert_eq!(refused.code(), Some(ErrorCode::QuotaExceeded), "{refused}");
     });
 }
