@@ -5,5 +5,6 @@ pub mod config;
 pub mod dbus;
 pub mod http;
 pub mod kvstore;
+pub mod memory;
 pub mod service;
 pub mod socket;

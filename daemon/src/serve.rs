@@ -38,6 +38,10 @@ pub struct ServeArgs {
     /// KV cache memory budget in MiB [default: 256]
     #[arg(long, env = "LLMSD_KV_BUDGET_MIB")]
     kv_budget_mib: Option<u64>,
+    /// Total memory budget in MiB (weights + KV + scratch); without --kv-budget-mib the KV
+    /// budget is what it leaves
+    #[arg(long, env = "LLMSD_MEMORY_BUDGET_MIB")]
+    memory_budget_mib: Option<u64>,
     /// KV policy: recompute, swap-whole, paged, paged-int8, llms [default: llms]
     #[arg(long, env = "LLMSD_KV_POLICY")]
     kv_policy: Option<Policy>,
@@ -47,6 +51,8 @@ pub struct ServeArgs {
 }
 
 const DEFAULT_KV_BUDGET_MIB: u64 = 256;
+const DEFAULT_MIN_KV_MIB: u64 = 8;
+const DEFAULT_MEMORY_INTERVAL_MS: u64 = 1000;
 
 pub fn serve(a: ServeArgs) -> Result<()> {
     let file = match &a.config {
@@ -127,6 +133,21 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
     let path = oneshot::resolve_model(&model_arg.model)?;
     let loaded = oneshot::load(&model_arg)?;
+    let memory_total = a
+        .memory_budget_mib
+        .or(file.memory.budget_mib)
+        .map(|m| m << 20);
+    let min_kv = file.memory.min_kv_mib.unwrap_or(DEFAULT_MIN_KV_MIB) << 20;
+    if let Some(total) = memory_total {
+        store.kv_budget_bytes = split_memory_budget(
+            total,
+            a.kv_budget_mib.or(file.kv.budget_mib).map(|m| m << 20),
+            min_kv,
+            &loaded,
+            &svc,
+            store.max_context_tokens,
+        )?;
+    }
     let model_id = path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
@@ -140,6 +161,22 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         service: svc,
     })
     .with_context(|| format!("opening the KV store in {}", state_dir.display()))?;
+    if let Some(total) = memory_total {
+        service
+            .metrics()
+            .memory_budget_bytes
+            .store(total, std::sync::atomic::Ordering::Relaxed);
+    }
+    let watch = llmsd::memory::WatchConfig::from_env(
+        file.memory.pressure.unwrap_or(true),
+        min_kv,
+        std::time::Duration::from_millis(
+            file.memory
+                .interval_ms
+                .unwrap_or(DEFAULT_MEMORY_INTERVAL_MS)
+                .max(10),
+        ),
+    );
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -150,6 +187,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     let result = rt.block_on(async {
         let listener = llmsd::socket::bind(&socket)?;
         let socket_task = tokio::spawn(llmsd::socket::serve(service.clone(), listener));
+        let memory_task = tokio::spawn(llmsd::memory::watch(service.clone(), watch));
         let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
         let http_task = match http {
             Some(addr) => {
@@ -209,6 +247,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         tracing::info!("shutting down");
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
         socket_task.abort();
+        memory_task.abort();
         if let Some(conn) = dbus {
             let _ = conn.close().await;
         }
@@ -224,6 +263,50 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     rt.shutdown_timeout(std::time::Duration::from_secs(2));
     let _ = engine.join();
     result
+}
+
+/// The KV budget within a total memory budget: the explicit one if given (checked against
+/// the total), else the total less the model file and the scratch. Scratch = the anonymous
+/// memory in use now that the model is loaded (tokenizer, thread pool, tables), plus the
+/// activations of the largest step (a whole alone-prefill slice, logits of every row), plus
+/// slack for request buffers.
+fn split_memory_budget(
+    total: u64,
+    explicit_kv: Option<u64>,
+    min_kv: u64,
+    loaded: &oneshot::Loaded,
+    svc: &ServiceConfig,
+    max_context: usize,
+) -> Result<u64> {
+    use llmsd::memory;
+    let model_bytes = loaded.model.file().bytes().len() as u64;
+    let step = svc
+        .alone_prefill_tokens
+        .max(svc.step_prefill_tokens + svc.max_running);
+    let scratch = memory::rss_anon_bytes().unwrap_or(0)
+        + memory::step_scratch_bytes(
+            &loaded.model.config,
+            step,
+            step,
+            loaded.pool.n_threads(),
+            max_context.min(loaded.model.config.context_length),
+        )
+        + memory::SCRATCH_SLACK_BYTES;
+    let kv = match explicit_kv {
+        Some(kv) => {
+            memory::check_kv_within_total(total, model_bytes, scratch, kv)?;
+            kv
+        }
+        None => memory::kv_budget_from_total(total, model_bytes, scratch, min_kv)?,
+    };
+    tracing::info!(
+        memory_budget_mib = total >> 20,
+        model_mib = model_bytes >> 20,
+        scratch_mib = scratch >> 20,
+        kv_budget_mib = kv >> 20,
+        "memory budget split"
+    );
+    Ok(kv)
 }
 
 async fn shutdown_signal() {

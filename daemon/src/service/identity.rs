@@ -161,7 +161,10 @@ mod tests {
     #[test]
     fn bad_app_names_are_refused() {
         for bad in ["", "a/b", "x y", "ü", &"a".repeat(MAX_APP_NAME + 1), "..\n"] {
-            assert!(Caller::user(Door::Socket, 0, 0, None, bad).is_err(), "{bad:?}");
+            assert!(
+                Caller::user(Door::Socket, 0, 0, None, bad).is_err(),
+                "{bad:?}"
+            );
         }
         assert!(Caller::http("my-app_2.0").is_ok());
     }
