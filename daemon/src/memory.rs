@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use llmsd_engine::model::ModelConfig;
+use llmsd_engine::model::{Model, ModelConfig};
 use llmsd_ipc::MemoryPressure;
 
 use crate::service::metrics::PRESSURE_SOURCES;
@@ -148,14 +148,44 @@ pub fn step_scratch_bytes(
     (step_tokens * per_token + scores + logits) as u64
 }
 
+/// What the weights occupy in memory: the matrices repacked at load live in anonymous memory
+/// (their file bytes are not touched again), the rest of the file is used in place. Returns
+/// (all weight bytes, the repacked part).
+pub fn weights_memory(model: &Model) -> (u64, u64) {
+    let w = &model.weights;
+    let matrices = w
+        .layers
+        .iter()
+        .flat_map(|l| {
+            [
+                &l.wq,
+                &l.wk,
+                &l.wv,
+                &l.wo,
+                &l.ffn_gate,
+                &l.ffn_up,
+                &l.ffn_down,
+            ]
+        })
+        .chain([&w.tok_embd, &w.output]);
+    // A tied output head shares its tensor (and its packed copy) with the embeddings.
+    let mut seen = std::collections::HashSet::new();
+    let (mut packed, mut replaced) = (0u64, 0u64);
+    for m in matrices {
+        if let Some(p) = &m.packed {
+            if seen.insert(m.offset) {
+                packed += p.bytes().len() as u64;
+                replaced += (m.rows * m.row_bytes) as u64;
+            }
+        }
+    }
+    let file = model.file().bytes().len() as u64;
+    (file - replaced.min(file) + packed, packed)
+}
+
 /// The anonymous (non-file) resident memory of this process: what is not the mapped model.
 pub fn rss_anon_bytes() -> Option<u64> {
     status_kib("RssAnon:").map(|k| k << 10)
-}
-
-/// The peak resident set of this process (VmHWM).
-pub fn peak_rss_bytes() -> Option<u64> {
-    status_kib("VmHWM:").map(|k| k << 10)
 }
 
 fn status_kib(key: &str) -> Option<u64> {
@@ -428,7 +458,6 @@ mod tests {
     #[test]
     fn own_memory_is_readable() {
         assert!(rss_anon_bytes().unwrap() > 0);
-        assert!(peak_rss_bytes().unwrap() >= rss_anon_bytes().unwrap());
         let mut s = Sampler::new(&WatchConfig::from_env(true, 0, Duration::from_secs(1)));
         let rss = s.rss().unwrap();
         assert!(rss >= rss_anon_bytes().unwrap() / 2, "{rss}");

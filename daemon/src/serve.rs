@@ -266,10 +266,11 @@ pub fn serve(a: ServeArgs) -> Result<()> {
 }
 
 /// The KV budget within a total memory budget: the explicit one if given (checked against
-/// the total), else the total less the model file and the scratch. Scratch = the anonymous
-/// memory in use now that the model is loaded (tokenizer, thread pool, tables), plus the
-/// activations of the largest step (a whole alone-prefill slice, logits of every row), plus
-/// slack for request buffers.
+/// the total), else the total less the weights and the scratch. Weights = the model file,
+/// with the matrices repacked at load counted at their packed size. Scratch = the anonymous
+/// memory in use now that the model is loaded, less the packed weights (tokenizer, thread
+/// pool, tables), plus the activations of the largest step (a whole alone-prefill slice,
+/// logits of every row), plus slack for request buffers.
 fn split_memory_budget(
     total: u64,
     explicit_kv: Option<u64>,
@@ -279,11 +280,11 @@ fn split_memory_budget(
     max_context: usize,
 ) -> Result<u64> {
     use llmsd::memory;
-    let model_bytes = loaded.model.file().bytes().len() as u64;
+    let (model_bytes, packed) = memory::weights_memory(&loaded.model);
     let step = svc
         .alone_prefill_tokens
         .max(svc.step_prefill_tokens + svc.max_running);
-    let scratch = memory::rss_anon_bytes().unwrap_or(0)
+    let scratch = memory::rss_anon_bytes().unwrap_or(0).saturating_sub(packed)
         + memory::step_scratch_bytes(
             &loaded.model.config,
             step,
