@@ -51,7 +51,9 @@ const KIND_WHOLE: u8 = 2;
 const OPEN_SEGMENTS: usize = 64;
 /// A segment being filled is queued for writing once its items hold this many bytes (a long
 /// prefill seals many chunks; their f16 masters should not wait in memory for the call's end).
-const SEGMENT_MAX_BYTES: u64 = 16 << 20;
+/// Swap-out memory is outside the KV budget (the items, then their encoded copies while the
+/// I/O thread writes), so this bounds it: 4 MiB keeps it near 10 MiB per call.
+const SEGMENT_MAX_BYTES: u64 = 4 << 20;
 
 /// How the store keeps KV between calls; all are in one binary so they can be compared.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
