@@ -636,6 +636,60 @@ mod tests {
     }
 
     #[test]
+    fn admin_wire_forms() {
+        let r: Request =
+            serde_json::from_value(json!({"method":"evict","params":{"app":"notes"}})).unwrap();
+        assert_eq!(
+            r,
+            Request::Evict {
+                context: None,
+                owner: None,
+                app: Some("notes".into())
+            }
+        );
+        assert_eq!(r.method(), "evict");
+        let c: Request = serde_json::from_value(json!({"method":"contexts","params":{}})).unwrap();
+        assert_eq!(c, Request::Contexts { app: None });
+        assert_eq!(
+            serde_json::to_value(Request::Chunks {
+                context: "ctx-1".into(),
+                owner: Some("u1000:notes".into())
+            })
+            .unwrap(),
+            json!({"method":"chunks","params":{"context":"ctx-1","owner":"u1000:notes"}})
+        );
+        assert_eq!(
+            serde_json::from_value::<Request>(json!({"method":"compact"})).unwrap(),
+            Request::Compact
+        );
+        let owned = OwnedContext {
+            owner: "u1000:notes".into(),
+            context: ContextInfo {
+                id: "ctx-1".into(),
+                tokens: 38,
+                messages: 2,
+                resident_bytes: 1,
+                disk_bytes: 2,
+                created_unix: 3,
+                last_use_unix: 4,
+            },
+        };
+        let v = serde_json::to_value(&owned).unwrap();
+        assert_eq!(v["owner"], "u1000:notes");
+        assert_eq!(v["id"], "ctx-1", "the context's fields are flattened");
+        assert_eq!(serde_json::from_value::<OwnedContext>(v).unwrap(), owned);
+        assert_eq!(
+            serde_json::to_value(ChunkLocation::new(false, true)).unwrap(),
+            json!("disk")
+        );
+        assert_eq!(MemoryPressure::from_level(2), MemoryPressure::Severe);
+        assert_eq!(
+            serde_json::to_value(MemoryPressure::Moderate).unwrap(),
+            json!("moderate")
+        );
+    }
+
+    #[test]
     fn response_wire_forms() {
         assert_eq!(
             serde_json::to_value(Response::Ok).unwrap(),
