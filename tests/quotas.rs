@@ -1068,10 +1068,10 @@ fn energy_adds_up_battery_tightens_and_quotas_survive_a_restart() {
 }
 
 #[test]
-fn sighup_reloads_quotas_without_dropping_contexts() {
+fn sighup_reloads_quotas_and_budgets_without_dropping_contexts() {
     let cfg_dir = tempfile::tempdir().unwrap();
     let cfg = cfg_dir.path().join("llmsd.toml");
-    std::fs::write(&cfg, "[quotas]\nmax_contexts = 1\n").unwrap();
+    std::fs::write(&cfg, "[kv]\nbudget_mib = 64\n[quotas]\nmax_contexts = 1\n").unwrap();
     let cfg_arg = cfg.display().to_string();
     let d = Daemon::start(false, &["--config", &cfg_arg]);
     let pid = d.pid().expect("daemon pid") as i32;
@@ -1096,8 +1096,12 @@ fn sighup_reloads_quotas_without_dropping_contexts() {
             panic!("a second context over max_contexts = 1");
         };
         assert_eq!(refused.code(), Some(ErrorCode::QuotaExceeded), "{refused}");
-        std::fs::write(&cfg, "[quotas]\nmax_contexts = 3\n").unwrap();
+        assert_eq!(c.status().await.unwrap().kv_budget_max_bytes, 64 << 20);
+        std::fs::write(&cfg, "[kv]\nbudget_mib = 32\n[quotas]\nmax_contexts = 3\n").unwrap();
         hup(&d, 1);
+        let status = c.status().await.unwrap();
+        assert_eq!(status.kv_budget_max_bytes, 32 << 20);
+        assert_eq!(status.kv_budget_bytes, 32 << 20);
         let second = c
             .create_context(None)
             .await

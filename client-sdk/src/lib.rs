@@ -17,6 +17,7 @@
 //! One connection carries many requests at once; every method may be called concurrently.
 
 pub mod bench;
+pub mod render;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -28,6 +29,10 @@ pub use llmsd_ipc::{
     ApiError, ChatMessage, Completion, ContextInfo, ErrorCode, FinishReason, GenerationParams,
     Health, ModelInfo, Priority, PromptInput, PromptRequest, ResponseFormat, TokenEvent,
     PROTOCOL_VERSION,
+};
+pub use llmsd_ipc::{
+    AppInfo, ChunkInfo, ChunkLocation, CompactReport, EvictReport, MemoryPressure, OwnedContext,
+    Status,
 };
 use llmsd_ipc::{
     ClientFrame, CreateContext, Event, Request, Response, ServerFrame, TokenizeRequest,
@@ -335,6 +340,101 @@ impl Client {
             rx,
             done: None,
         })
+    }
+
+    /// The daemon's memory, KV store and queue.
+    pub async fn status(&self) -> Result<Status> {
+        match self.call(Request::Status).await? {
+            Response::Status(s) => Ok(s),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Apps with contexts: every owner for an admin, your uid's apps otherwise.
+    pub async fn apps(&self) -> Result<Vec<AppInfo>> {
+        match self.call(Request::Apps).await? {
+            Response::Apps(a) => Ok(a),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Contexts across apps (scoped as [`Self::apps`]); `app` narrows to an app name or one
+    /// owner (`u1000:notes`).
+    pub async fn owned_contexts(&self, app: Option<&str>) -> Result<Vec<OwnedContext>> {
+        match self
+            .call(Request::Contexts {
+                app: app.map(str::to_string),
+            })
+            .await?
+        {
+            Response::OwnedContexts(c) => Ok(c),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Each chunk of a context of this app, or of `owner`.
+    pub async fn chunks(&self, context: &str, owner: Option<&str>) -> Result<Vec<ChunkInfo>> {
+        match self
+            .call(Request::Chunks {
+                context: context.to_string(),
+                owner: owner.map(str::to_string),
+            })
+            .await?
+        {
+            Response::Chunks(c) => Ok(c),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Moves a context (of this app, or of `owner`) out of memory.
+    pub async fn evict_context(&self, context: &str, owner: Option<&str>) -> Result<EvictReport> {
+        self.evict(Some(context), owner, None).await
+    }
+
+    /// Moves every context of an app (a name, or an owner `u1000:notes`) out of memory.
+    pub async fn evict_app(&self, app: &str) -> Result<EvictReport> {
+        self.evict(None, None, Some(app)).await
+    }
+
+    async fn evict(
+        &self,
+        context: Option<&str>,
+        owner: Option<&str>,
+        app: Option<&str>,
+    ) -> Result<EvictReport> {
+        match self
+            .call(Request::Evict {
+                context: context.map(str::to_string),
+                owner: owner.map(str::to_string),
+                app: app.map(str::to_string),
+            })
+            .await?
+        {
+            Response::Evicted(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Admin only: compression rebalanced, idle KV evicted, unreferenced swap files removed.
+    pub async fn compact(&self) -> Result<CompactReport> {
+        match self.call(Request::Compact).await? {
+            Response::Compacted(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Deletes a context of another owner (an admin, or an app of your own uid).
+    pub async fn delete_context_of(&self, owner: &str, context: &str) -> Result<()> {
+        match self
+            .call(Request::DeleteContextOf {
+                owner: owner.to_string(),
+                context: context.to_string(),
+            })
+            .await?
+        {
+            Response::Ok => Ok(()),
+            other => Err(unexpected(other)),
+        }
     }
 
     /// A one-off chat (no context kept).

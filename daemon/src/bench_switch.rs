@@ -208,5 +208,7 @@ fn run(
         "swap_files_per_call": (stats.files_written - built.files_written) as f64 / a.switches as f64,
         "swap_mib_per_call": (stats.bytes_written - built.bytes_written) as f64 / 1048576.0 / a.switches as f64,
         "restore_costs": store.costs(),
+        // The whole process's peak resident set: weights, KV, scratch, swap I/O buffers.
+        "peak_rss_mib": crate::bench::peak_rss_mib(),
     }))
 }

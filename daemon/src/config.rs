@@ -46,6 +46,7 @@ pub struct ConfigFile {
     pub admin_group: Option<String>,
     pub kv: KvSection,
     pub scheduler: SchedulerSection,
+    pub memory: MemorySection,
     /// Per-app settings, by app name.
     pub apps: HashMap<String, AppSection>,
     /// Every app's quota defaults (the keys of `[apps.NAME]`'s quotas).
@@ -84,6 +85,21 @@ pub struct SchedulerSection {
     pub step_prefill_tokens: Option<usize>,
     pub alone_prefill_tokens: Option<usize>,
     pub prefill_latency_factor: Option<f64>,
+}
+
+/// The memory budget and how the daemon reacts to memory pressure (see `memory.rs`).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MemorySection {
+    /// Total for weights + KV + scratch; without `[kv] budget_mib`, the KV budget is what
+    /// the model file and the measured scratch leave of it.
+    pub budget_mib: Option<u64>,
+    /// Shrink the KV budget under system memory pressure [default: true].
+    pub pressure: Option<bool>,
+    /// The KV budget never goes below this [default: 8].
+    pub min_kv_mib: Option<u64>,
+    /// How often RSS and pressure are sampled [default: 1000].
+    pub interval_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -429,6 +445,11 @@ mod tests {
             policy = "llms"
             [scheduler]
             max_running = 4
+            [memory]
+            budget_mib = 512
+            pressure = true
+            min_kv_mib = 16
+            interval_ms = 500
             [apps.notes]
             priority = "foreground"
             [http_keys]
@@ -437,6 +458,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.kv.budget_mib, Some(64));
+        assert_eq!(c.memory.budget_mib, Some(512));
+        assert_eq!(c.memory.interval_ms, Some(500));
         assert_eq!(c.apps["notes"].priority, Some(Priority::Foreground));
         assert_eq!(c.http_keys["sk-test-123456"], "notes");
     }

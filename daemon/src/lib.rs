@@ -6,6 +6,7 @@ pub mod dbus;
 pub mod fuzzing;
 pub mod http;
 pub mod kvstore;
+pub mod memory;
 pub mod service;
 pub mod socket;
 pub mod systemd;

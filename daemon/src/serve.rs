@@ -45,6 +45,10 @@ pub struct ServeArgs {
     /// KV cache memory budget in MiB [default: 256]
     #[arg(long, env = "LLMSD_KV_BUDGET_MIB")]
     kv_budget_mib: Option<u64>,
+    /// Total memory budget in MiB (weights + KV + scratch); without --kv-budget-mib the KV
+    /// budget is what it leaves
+    #[arg(long, env = "LLMSD_MEMORY_BUDGET_MIB")]
+    memory_budget_mib: Option<u64>,
     /// KV policy: recompute, swap-whole, paged, paged-int8, llms [default: llms]
     #[arg(long, env = "LLMSD_KV_POLICY")]
     kv_policy: Option<Policy>,
@@ -54,6 +58,8 @@ pub struct ServeArgs {
 }
 
 const DEFAULT_KV_BUDGET_MIB: u64 = 256;
+const DEFAULT_MIN_KV_MIB: u64 = 8;
+const DEFAULT_MEMORY_INTERVAL_MS: u64 = 1000;
 
 pub fn serve(a: ServeArgs) -> Result<()> {
     // Before any thread starts: both clear the variables they read.
@@ -162,6 +168,20 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
     let path = oneshot::resolve_model(&model_arg.model)?;
     let loaded = oneshot::load(&model_arg)?;
+    let memory_total = a
+        .memory_budget_mib
+        .or(file.memory.budget_mib)
+        .map(|m| m << 20);
+    let min_kv = file.memory.min_kv_mib.unwrap_or(DEFAULT_MIN_KV_MIB) << 20;
+    let parts = memory_parts(&loaded, &svc, store.max_context_tokens);
+    let budget_flags = BudgetFlags {
+        kv_mib: a.kv_budget_mib,
+        memory_mib: a.memory_budget_mib,
+        min_kv,
+    };
+    if let Some(kv) = kv_budget(&budget_flags, &file, parts)? {
+        store.kv_budget_bytes = kv;
+    }
     let model_id = path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
@@ -175,6 +195,22 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         service: svc,
     })
     .with_context(|| format!("opening the KV store in {}", state_dir.display()))?;
+    if let Some(total) = memory_total {
+        service
+            .metrics()
+            .memory_budget_bytes
+            .store(total, std::sync::atomic::Ordering::Relaxed);
+    }
+    let watch = llmsd::memory::WatchConfig::from_env(
+        file.memory.pressure.unwrap_or(true),
+        min_kv,
+        std::time::Duration::from_millis(
+            file.memory
+                .interval_ms
+                .unwrap_or(DEFAULT_MEMORY_INTERVAL_MS)
+                .max(10),
+        ),
+    );
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -190,6 +226,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             None => llmsd::socket::bind(&socket)?,
         };
         let socket_task = tokio::spawn(llmsd::socket::serve(service.clone(), listener));
+        let memory_task = tokio::spawn(llmsd::memory::watch(service.clone(), watch));
         let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
         let http_task = match http {
             Some(addr) => {
@@ -263,6 +300,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             service.clone(),
             a.config.clone(),
             a.system,
+            (budget_flags, parts),
         ));
         shutdown_signal().await;
         reloader.abort();
@@ -272,6 +310,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         }
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
         socket_task.abort();
+        memory_task.abort();
         if let Some(conn) = dbus {
             let _ = conn.close().await;
         }
@@ -291,10 +330,17 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     result
 }
 
-/// Reloads the configuration file on SIGHUP: quotas, app priorities and the admin group
-/// change for the calls that follow; contexts and running calls carry on. A file that no
-/// longer parses (or names an unknown admin group) is refused, keeping what was in force.
-async fn reload_on_sighup(service: Service, explicit: Option<PathBuf>, system: bool) {
+/// Reloads the configuration file on SIGHUP: quotas, app priorities, the admin group and
+/// the memory and KV budgets change for the calls that follow (a smaller KV budget evicts);
+/// contexts and running calls carry on. A file that no longer parses (names an unknown admin
+/// group, or budgets that do not fit) is refused, keeping what was in force. Budgets given
+/// as flags at start stay.
+async fn reload_on_sighup(
+    service: Service,
+    explicit: Option<PathBuf>,
+    system: bool,
+    (flags, parts): (BudgetFlags, MemoryParts),
+) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = match signal(SignalKind::hangup()) {
         Ok(s) => s,
@@ -309,15 +355,25 @@ async fn reload_on_sighup(service: Service, explicit: Option<PathBuf>, system: b
             .map_err(anyhow::Error::from)
             .and_then(|(file, path)| {
                 let admin = config::admin_policy(file.admin_group.as_deref())?;
-                Ok((file, path, admin))
+                let kv = kv_budget(&flags, &file, parts)?
+                    .unwrap_or(StoreConfig::new(PathBuf::new()).kv_budget_bytes);
+                Ok((file, path, admin, kv))
             });
         match loaded {
-            Ok((file, path, admin)) => {
+            Ok((file, path, admin, kv)) => {
                 service.reload(Reload {
                     quota: quota_config(&file),
                     app_priority: app_priorities(&file),
                     admin,
                 });
+                let total = flags.memory_mib.or(file.memory.budget_mib).unwrap_or(0) << 20;
+                service
+                    .metrics()
+                    .memory_budget_bytes
+                    .store(total, std::sync::atomic::Ordering::Relaxed);
+                if let Err(e) = service.set_kv_budget_max(kv).await {
+                    tracing::error!(error = %e, "setting the reloaded KV budget failed");
+                }
                 tracing::info!(
                     config = %path.as_deref().map_or("(defaults)".into(), |p| p.display().to_string()),
                     "configuration reloaded"
@@ -364,6 +420,76 @@ fn quota_config(file: &ConfigFile) -> QuotaConfig {
             .collect(),
         energy,
     }
+}
+
+/// What start-up measured for splitting a total memory budget: the weights (the model file,
+/// with the matrices repacked at load counted at their packed size) and the scratch (the
+/// anonymous memory in use once the model is loaded, less the packed weights (tokenizer,
+/// thread pool, tables), plus the activations of the largest step (a whole alone-prefill
+/// slice, logits of every row), plus slack for request buffers).
+#[derive(Clone, Copy, Debug)]
+struct MemoryParts {
+    model_bytes: u64,
+    scratch: u64,
+}
+
+fn memory_parts(loaded: &oneshot::Loaded, svc: &ServiceConfig, max_context: usize) -> MemoryParts {
+    use llmsd::memory;
+    let (model_bytes, packed) = memory::weights_memory(&loaded.model);
+    let step = svc
+        .alone_prefill_tokens
+        .max(svc.step_prefill_tokens + svc.max_running);
+    let scratch = memory::rss_anon_bytes().unwrap_or(0).saturating_sub(packed)
+        + memory::step_scratch_bytes(
+            &loaded.model.config,
+            step,
+            step,
+            loaded.pool.n_threads(),
+            max_context.min(loaded.model.config.context_length),
+        )
+        + memory::SCRATCH_SLACK_BYTES;
+    MemoryParts {
+        model_bytes,
+        scratch,
+    }
+}
+
+/// The budget flags given at start (they win over the file, also on reload).
+#[derive(Clone, Copy, Debug)]
+struct BudgetFlags {
+    kv_mib: Option<u64>,
+    memory_mib: Option<u64>,
+    min_kv: u64,
+}
+
+/// The KV budget from flags and file: the explicit one (checked against a total memory
+/// budget if there is one), else the total less the weights and the scratch; None when
+/// neither is set (the store's default).
+fn kv_budget(flags: &BudgetFlags, file: &ConfigFile, parts: MemoryParts) -> Result<Option<u64>> {
+    use llmsd::memory;
+    let explicit = flags.kv_mib.or(file.kv.budget_mib).map(|m| m << 20);
+    let Some(total) = flags.memory_mib.or(file.memory.budget_mib).map(|m| m << 20) else {
+        return Ok(explicit);
+    };
+    let MemoryParts {
+        model_bytes,
+        scratch,
+    } = parts;
+    let kv = match explicit {
+        Some(kv) => {
+            memory::check_kv_within_total(total, model_bytes, scratch, kv)?;
+            kv
+        }
+        None => memory::kv_budget_from_total(total, model_bytes, scratch, flags.min_kv)?,
+    };
+    tracing::info!(
+        memory_budget_mib = total >> 20,
+        model_mib = model_bytes >> 20,
+        scratch_mib = scratch >> 20,
+        kv_budget_mib = kv >> 20,
+        "memory budget split"
+    );
+    Ok(Some(kv))
 }
 
 async fn shutdown_signal() {

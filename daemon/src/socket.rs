@@ -281,6 +281,28 @@ async fn handle(
             Response::Quota(Box::new(service.quota_get(caller, &app).await?))
         }
         Request::QuotaSet(q) => Response::Quota(Box::new(service.quota_set(caller, q).await?)),
+        Request::Status => Response::Status(service.status(caller)),
+        Request::Apps => Response::Apps(service.apps(caller, None).await?),
+        Request::Contexts { app } => {
+            Response::OwnedContexts(service.owned_contexts(caller, app.as_deref()).await?)
+        }
+        Request::Chunks { context, owner } => {
+            Response::Chunks(service.chunks(caller, owner.as_deref(), &context).await?)
+        }
+        Request::Evict {
+            context,
+            owner,
+            app,
+        } => Response::Evicted(
+            service
+                .evict(caller, context.as_deref(), owner.as_deref(), app.as_deref())
+                .await?,
+        ),
+        Request::Compact => Response::Compacted(service.compact(caller).await?),
+        Request::DeleteContextOf { owner, context } => {
+            service.delete_context_of(caller, &owner, &context).await?;
+            Response::Ok
+        }
         Request::Cancel { request } => {
             let target = prompts.lock().await.get(&request).copied();
             match target {

@@ -69,6 +69,42 @@ pub enum Request {
     QuotaGet { app: String },
     /// Sets or clears keys of an app's quota (admins only; persisted). → [`Response::Quota`]
     QuotaSet(QuotaSet),
+    /// The daemon's memory, KV store and queue (every caller). → [`Response::Status`]
+    Status,
+    /// Apps with contexts, scoped: admins see every owner, others the apps of their own uid.
+    /// → [`Response::Apps`]
+    Apps,
+    /// Contexts across apps, with their owners (scoped as `apps`); `app` narrows it to one
+    /// app name or one owner (`u1000:notes`). → [`Response::OwnedContexts`]
+    Contexts {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        app: Option<String>,
+    },
+    /// Each chunk of a context. `owner` (default: the caller's app) addresses another app's
+    /// context: any owner for admins, the caller's own uid's apps otherwise. → [`Response::Chunks`]
+    Chunks {
+        context: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<String>,
+    },
+    /// Moves a context (`context`, with `owner` as in `chunks`) or every context of `app` out
+    /// of memory; its KV stays on disk (written before it is dropped) or is recomputed from
+    /// its tokens: nothing is lost. → [`Response::Evicted`]
+    Evict {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        context: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        app: Option<String>,
+    },
+    /// Admin only: re-places every idle context's chunks at the precision the current
+    /// densities give, evicts everything not in use, and removes swap files nothing refers
+    /// to. → [`Response::Compacted`]
+    Compact,
+    /// Deletes a context of `owner` (admins: any owner; others: their own uid's apps).
+    /// → [`Response::Ok`]
+    DeleteContextOf { owner: String, context: String },
 }
 
 impl Request {
@@ -87,6 +123,13 @@ impl Request {
             Request::Health => "health",
             Request::QuotaGet { .. } => "quota_get",
             Request::QuotaSet(_) => "quota_set",
+            Request::Status => "status",
+            Request::Apps => "apps",
+            Request::Contexts { .. } => "contexts",
+            Request::Chunks { .. } => "chunks",
+            Request::Evict { .. } => "evict",
+            Request::Compact => "compact",
+            Request::DeleteContextOf { .. } => "delete_context_of",
         }
     }
 }
@@ -245,6 +288,12 @@ pub enum Response {
     Model(ModelInfo),
     Health(Health),
     Quota(Box<QuotaReport>),
+    Status(Status),
+    Apps(Vec<AppInfo>),
+    OwnedContexts(Vec<OwnedContext>),
+    Chunks(Vec<ChunkInfo>),
+    Evicted(EvictReport),
+    Compacted(CompactReport),
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -593,6 +642,175 @@ pub struct QuotaUsage {
     pub joules_per_token: f64,
 }
 
+/// How hard the system is pressed for memory, as the daemon's watcher sees it.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum MemoryPressure {
+    #[default]
+    None,
+    /// The KV budget is halved.
+    Moderate,
+    /// The KV budget is at its configured minimum.
+    Severe,
+}
+
+impl MemoryPressure {
+    pub fn name(self) -> &'static str {
+        match self {
+            MemoryPressure::None => "none",
+            MemoryPressure::Moderate => "moderate",
+            MemoryPressure::Severe => "severe",
+        }
+    }
+
+    /// 0, 1, 2: the `llmsd_memory_pressure` gauge.
+    pub fn level(self) -> u64 {
+        self as u64
+    }
+
+    pub fn from_level(level: u64) -> Self {
+        match level {
+            0 => MemoryPressure::None,
+            1 => MemoryPressure::Moderate,
+            _ => MemoryPressure::Severe,
+        }
+    }
+}
+
+/// The daemon at a glance (`llmsctl status`). Aggregates only: nothing here names an app.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub model: String,
+    pub model_bytes: u64,
+    pub kv_policy: String,
+    pub uptime_s: f64,
+    /// Resident set of the daemon's process (weights it has touched, KV, scratch).
+    pub rss_bytes: u64,
+    /// The configured total (`[memory] budget_mib`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_budget_bytes: Option<u64>,
+    /// The KV budget in force now (lowered under memory pressure).
+    pub kv_budget_bytes: u64,
+    /// The KV budget without pressure.
+    pub kv_budget_max_bytes: u64,
+    pub kv_resident_bytes: u64,
+    pub kv_disk_bytes: u64,
+    pub pressure: MemoryPressure,
+    /// Where pressure is read from: `psi`, `meminfo`, or `off`.
+    pub pressure_source: String,
+    pub apps: u64,
+    pub contexts: u64,
+    pub running: u64,
+    pub queued: u64,
+    /// Energy the engine used since the state directory was created, in joules (see
+    /// `Health::energy_source`).
+    #[serde(default)]
+    pub energy_j: f64,
+    /// `rapl` or `cpu`.
+    #[serde(default)]
+    pub energy_source: String,
+    /// Whether the caller may use admin verbs.
+    pub admin: bool,
+}
+
+/// One app (owner) of the KV store.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AppInfo {
+    /// `u<uid>:<app>` for local callers, `http:<app>` for the HTTP door.
+    pub owner: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    pub app: String,
+    pub contexts: u64,
+    pub tokens: u64,
+    pub resident_bytes: u64,
+    pub disk_bytes: u64,
+    /// Prompts of this app generating now, and waiting.
+    pub running: u64,
+    pub queued: u64,
+    pub last_use_unix: u64,
+}
+
+/// A context with its owner (`contexts` across apps).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OwnedContext {
+    pub owner: String,
+    #[serde(flatten)]
+    pub context: ContextInfo,
+}
+
+/// Where a chunk's KV is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChunkLocation {
+    Resident,
+    Disk,
+    Both,
+    /// Neither: recomputed from its tokens when next used.
+    Recompute,
+}
+
+impl ChunkLocation {
+    pub fn new(resident: bool, on_disk: bool) -> Self {
+        match (resident, on_disk) {
+            (true, true) => ChunkLocation::Both,
+            (true, false) => ChunkLocation::Resident,
+            (false, true) => ChunkLocation::Disk,
+            (false, false) => ChunkLocation::Recompute,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ChunkLocation::Resident => "resident",
+            ChunkLocation::Disk => "disk",
+            ChunkLocation::Both => "both",
+            ChunkLocation::Recompute => "recompute",
+        }
+    }
+}
+
+/// One 16-token chunk of a context (the last may be a partial, full-precision tail).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChunkInfo {
+    pub index: u64,
+    pub tokens: u64,
+    /// `f16`, `int8`, `int4`, `int2` (`f32` for the open tail).
+    pub precision: String,
+    pub location: ChunkLocation,
+    /// Mean attention the chunk received (its information density).
+    pub density: f64,
+    pub observations: u64,
+    /// Contexts sharing the chunk (forks).
+    pub shared_by: u32,
+    pub last_use_unix: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EvictReport {
+    /// Contexts moved out of memory.
+    pub contexts: u64,
+    /// Resident KV bytes released.
+    pub freed_bytes: u64,
+    /// Contexts left alone because a running prompt uses them.
+    pub in_use: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CompactReport {
+    /// Chunks re-quantized to the precision their density now earns.
+    pub requantized_chunks: u64,
+    pub evicted_contexts: u64,
+    pub freed_bytes: u64,
+    /// Swap files that nothing referred to any more, removed.
+    pub files_removed: u64,
+    pub kv_resident_bytes: u64,
+    pub kv_disk_bytes: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -635,6 +853,61 @@ mod tests {
         }));
         assert!(bad.unwrap_err().to_string().contains("max_tokenz"));
         assert!(serde_json::from_value::<Request>(json!({"method": "reboot"})).is_err());
+    }
+
+    #[test]
+    fn admin_wire_forms() {
+        let r: Request =
+            serde_json::from_value(json!({"method":"evict","params":{"app":"notes"}})).unwrap();
+        assert_eq!(
+            r,
+            Request::Evict {
+                context: None,
+                owner: None,
+                app: Some("notes".into())
+            }
+        );
+        assert_eq!(r.method(), "evict");
+        let c: Request = serde_json::from_value(json!({"method":"contexts","params":{}})).unwrap();
+        assert_eq!(c, Request::Contexts { app: None });
+        assert_eq!(
+            serde_json::to_value(Request::Chunks {
+                context: "ctx-1".into(),
+                owner: Some("u1000:notes".into())
+            })
+            .unwrap(),
+            json!({"method":"chunks","params":{"context":"ctx-1","owner":"u1000:notes"}})
+        );
+        assert_eq!(
+            serde_json::from_value::<Request>(json!({"method":"compact"})).unwrap(),
+            Request::Compact
+        );
+        let owned = OwnedContext {
+            owner: "u1000:notes".into(),
+            context: ContextInfo {
+                id: "ctx-1".into(),
+                tokens: 38,
+                messages: 2,
+                resident_bytes: 1,
+                disk_bytes: 2,
+                created_unix: 3,
+                last_use_unix: 4,
+                energy_j: 0.5,
+            },
+        };
+        let v = serde_json::to_value(&owned).unwrap();
+        assert_eq!(v["owner"], "u1000:notes");
+        assert_eq!(v["id"], "ctx-1", "the context's fields are flattened");
+        assert_eq!(serde_json::from_value::<OwnedContext>(v).unwrap(), owned);
+        assert_eq!(
+            serde_json::to_value(ChunkLocation::new(false, true)).unwrap(),
+            json!("disk")
+        );
+        assert_eq!(MemoryPressure::from_level(2), MemoryPressure::Severe);
+        assert_eq!(
+            serde_json::to_value(MemoryPressure::Moderate).unwrap(),
+            json!("moderate")
+        );
     }
 
     #[test]

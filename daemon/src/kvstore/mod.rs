@@ -11,8 +11,8 @@ pub mod store;
 pub mod swapfile;
 
 pub use store::{
-    format_id, ChunkInfo, ContextInfo, KvStore, Policy, RestoreReport, Session, SessionStep,
-    StoreConfig, StoreError, StoreStats,
+    format_id, ChunkInfo, CompactStats, ContextInfo, KvStore, Policy, RestoreReport, Session,
+    SessionStep, StoreConfig, StoreError, StoreStats,
 };
 
 #[cfg(test)]

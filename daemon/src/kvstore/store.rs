@@ -51,7 +51,9 @@ const KIND_WHOLE: u8 = 2;
 const OPEN_SEGMENTS: usize = 64;
 /// A segment being filled is queued for writing once its items hold this many bytes (a long
 /// prefill seals many chunks; their f16 masters should not wait in memory for the call's end).
-const SEGMENT_MAX_BYTES: u64 = 16 << 20;
+/// Swap-out memory is outside the KV budget (the items, then their encoded copies while the
+/// I/O thread writes), so this bounds it: 4 MiB keeps it near 10 MiB per call.
+const SEGMENT_MAX_BYTES: u64 = 4 << 20;
 
 /// How the store keeps KV between calls; all are in one binary so they can be compared.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,7 +128,8 @@ impl std::fmt::Display for Policy {
 pub struct StoreConfig {
     pub state_dir: PathBuf,
     pub policy: Policy,
-    /// Resident KV bytes allowed (all contexts, all precisions).
+    /// Resident KV bytes allowed (all contexts, all precisions); [`KvStore::set_budget`] may
+    /// lower the budget in force below it for a while (memory pressure), never raise it.
     pub kv_budget_bytes: u64,
     /// Mean code width of the `llms` policy.
     pub avg_bits: f64,
@@ -254,6 +257,15 @@ const EK_CHUNK: u8 = 0;
 const EK_TAIL: u8 = 1;
 const EK_WHOLE: u8 = 2;
 
+/// What [`KvStore::compact`] did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CompactStats {
+    pub requantized_chunks: u64,
+    pub evicted_contexts: u64,
+    pub freed_bytes: u64,
+    pub files_removed: u64,
+}
+
 /// What one restore did, for `llmsctl chunks` and the switch benchmark.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct RestoreReport {
@@ -324,7 +336,10 @@ pub struct ChunkInfo {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct StoreStats {
     pub policy: String,
+    /// The budget in force (lowered under memory pressure).
     pub kv_budget_bytes: u64,
+    /// The configured budget.
+    pub kv_budget_max_bytes: u64,
     pub kv_resident_bytes: u64,
     pub kv_resident_peak_bytes: u64,
     pub kv_disk_bytes: u64,
@@ -464,6 +479,8 @@ pub struct KvStore {
     app_index: HashMap<String, usize>,
     queue: Lctru<EvictKey>,
     pinned: HashSet<(usize, u64)>,
+    /// The KV budget in force: `cfg.kv_budget_bytes` unless memory pressure lowered it.
+    budget: u64,
     resident_bytes: u64,
     resident_peak: u64,
     /// Swap files queued and not yet confirmed: (app, file number).
@@ -546,6 +563,7 @@ impl KvStore {
             app_index: HashMap::new(),
             queue: Lctru::new(),
             pinned: HashSet::new(),
+            budget: 0,
             resident_bytes: 0,
             resident_peak: 0,
             in_flight: HashSet::new(),
@@ -562,6 +580,7 @@ impl KvStore {
             open_clock: 0,
             spare: None,
         };
+        store.budget = store.cfg.kv_budget_bytes;
         store.load_apps(&apps_dir)?;
         if store.cfg.fit_costs {
             store.costs = store.cached_or_fitted_costs()?;
@@ -711,14 +730,15 @@ impl KvStore {
         live
     }
 
-    /// At start: deletes swap files of `app` that its manifest does not name (left by a
-    /// crash), and notes the ones it does.
-    fn collect_garbage(&mut self, app: usize) {
+    /// At start (and by [`Self::compact`]): deletes swap files of `app` that its manifest
+    /// does not name (left by a crash), and notes the ones it does. Returns how many went.
+    fn collect_garbage(&mut self, app: usize) -> u64 {
         let live = self.live_segments(app);
         let a = &mut self.apps[app];
         a.segments = live.iter().copied().collect();
+        let mut removed = 0;
         let Ok(rd) = std::fs::read_dir(&a.dir) else {
-            return;
+            return 0;
         };
         for entry in rd.flatten() {
             let name = entry.file_name();
@@ -728,11 +748,15 @@ impl KvStore {
                 .and_then(|n| n.strip_suffix(".kv"))
                 .and_then(|n| n.parse::<u64>().ok());
             if let Some(num) = num {
-                if !live.contains(&num) && !self.in_flight.contains(&(app, num)) {
-                    let _ = std::fs::remove_file(entry.path());
+                if !live.contains(&num)
+                    && !self.in_flight.contains(&(app, num))
+                    && std::fs::remove_file(entry.path()).is_ok()
+                {
+                    removed += 1;
                 }
             }
         }
+        removed
     }
 
     fn app_idx(&self, app: &str) -> Option<usize> {
@@ -1087,14 +1111,14 @@ impl KvStore {
         self.unqueue_context(a, c);
         let resident_now = self.context_resident_bytes(a, c);
         self.spare = Some(SpareBuffers::default());
-        let mut room_failed = false;
-        while self.resident_bytes - resident_now + need > self.cfg.kv_budget_bytes {
+        while self.resident_bytes - resident_now + need > self.budget {
             if !self.evict_one()? {
-                room_failed = true;
                 break;
             }
         }
-        if room_failed {
+        // Under memory pressure the budget in force may be below what calls in use need:
+        // they may still run within the configured budget once nothing else is resident.
+        if self.resident_bytes - resident_now + need > self.cfg.kv_budget_bytes {
             // Everything else is pinned by running calls.
             self.spare = None;
             self.pinned.remove(&(a, c));
@@ -2348,7 +2372,12 @@ impl KvStore {
     /// `llms`: chooses every chunk's precision under the ratio and re-quantizes this
     /// context's chunks whose level changed, always from their f16 master.
     fn rebalance(&mut self, a: usize, c: u64) -> Result<()> {
-        // Global ranking over every app's chunks.
+        let target = self.precision_targets();
+        self.apply_precisions(a, c, &target).map(|_| ())
+    }
+
+    /// The precision every chunk of every app earns now (global ranking by density).
+    fn precision_targets(&self) -> HashMap<(usize, u64), Precision> {
         let mut keys = Vec::new();
         let mut dens = Vec::new();
         for (ai, app) in self.apps.iter().enumerate() {
@@ -2359,11 +2388,21 @@ impl KvStore {
         }
         let levels: Vec<u32> = LLMS_LEVELS.iter().map(|p| p.bits()).collect();
         let chosen = assign_levels(&dens, &levels, self.cfg.avg_bits);
-        let target: HashMap<(usize, u64), Precision> = keys
-            .into_iter()
+        keys.into_iter()
             .zip(chosen)
             .map(|(k, l)| (k, LLMS_LEVELS[l]))
-            .collect();
+            .collect()
+    }
+
+    /// Re-quantizes the chunks of one context whose level in `target` changed, always from
+    /// their f16 master; returns how many changed.
+    fn apply_precisions(
+        &mut self,
+        a: usize,
+        c: u64,
+        target: &HashMap<(usize, u64), Precision>,
+    ) -> Result<u64> {
+        let mut changed = 0;
         let ids: Vec<u64> = self.apps[a].contexts[&c].chunks.clone();
         for id in ids {
             let Some(&want) = target.get(&(a, id)) else {
@@ -2401,8 +2440,9 @@ impl KvStore {
             if was_resident {
                 self.set_resident(a, id, q);
             }
+            changed += 1;
         }
-        Ok(())
+        Ok(changed)
     }
 
     /// A chunk's f16 master, from the segment being filled if it is there (sealed in this
@@ -2463,7 +2503,7 @@ impl KvStore {
 
     /// Evicts LCTRU victims until the resident bytes fit the budget.
     fn enforce_budget(&mut self) -> Result<()> {
-        while self.resident_bytes > self.cfg.kv_budget_bytes {
+        while self.resident_bytes > self.budget {
             if !self.evict_one()? {
                 break;
             }
@@ -2489,13 +2529,100 @@ impl KvStore {
         if ctx.tail.staged.take().is_some() {
             self.resident_bytes -= staged_bytes(self.shape) as u64;
         }
-        for cid in ctx.chunks.clone() {
-            if let Some(r) = app_.chunks.get_mut(&cid).and_then(|e| e.resident.take()) {
+        let chunks = ctx.chunks.clone();
+        for cid in chunks {
+            // A chunk shared with a fork in use stays.
+            if self.pinned_chunk(a, cid) {
+                continue;
+            }
+            if let Some(r) = self.apps[a]
+                .chunks
+                .get_mut(&cid)
+                .and_then(|e| e.resident.take())
+            {
                 self.resident_bytes -= r.resident_bytes() as u64;
                 self.queue.remove((a as u32, EK_CHUNK, cid));
             }
         }
         Ok(())
+    }
+
+    /// Sets the KV budget in force (capped at the configured one) and evicts, LCTRU first,
+    /// down to it. Chunks of contexts in use stay: the resident bytes may remain above a
+    /// budget lowered below what running calls hold, until they end.
+    pub fn set_budget(&mut self, bytes: u64) -> Result<()> {
+        self.budget = bytes.min(self.cfg.kv_budget_bytes);
+        self.enforce_budget()
+    }
+
+    /// A new configured KV budget (configuration reload): the budget in force follows it,
+    /// staying lowered where memory pressure lowered it.
+    pub fn set_configured_budget(&mut self, bytes: u64) -> Result<()> {
+        let pressed = self.budget < self.cfg.kv_budget_bytes;
+        self.cfg.kv_budget_bytes = bytes;
+        self.budget = if pressed {
+            self.budget.min(bytes)
+        } else {
+            bytes
+        };
+        self.enforce_budget()
+    }
+
+    /// The KV budget in force.
+    pub fn budget(&self) -> u64 {
+        self.budget
+    }
+
+    /// KV bytes in memory now.
+    pub fn resident_bytes(&self) -> u64 {
+        self.resident_bytes
+    }
+
+    /// Whether a running call holds the context.
+    pub fn in_use(&self, app: &str, id: &str) -> bool {
+        self.lookup(app, id)
+            .is_ok_and(|(a, c)| self.pinned.contains(&(a, c)))
+    }
+
+    /// Admin maintenance of every app with no call in flight (the others are left for the
+    /// next time): re-places its chunks at the precision the current density ranking gives
+    /// (`llms`; re-quantized from their f16 masters), evicts its contexts (their swap-out is
+    /// on disk first), and removes its swap files nothing refers to.
+    pub fn compact(&mut self) -> Result<CompactStats> {
+        self.flush();
+        let before = self.resident_bytes;
+        let mut stats = CompactStats::default();
+        let busy_apps: HashSet<usize> = self.pinned.iter().map(|&(a, _)| a).collect();
+        let idle_apps: Vec<usize> = (0..self.apps.len())
+            .filter(|a| !busy_apps.contains(a))
+            .collect();
+        let idle: Vec<(usize, u64)> = idle_apps
+            .iter()
+            .flat_map(|&a| self.apps[a].contexts.keys().map(move |&c| (a, c)))
+            .collect();
+        if self.cfg.policy == Policy::Llms {
+            let target = self.precision_targets();
+            for &(a, c) in &idle {
+                stats.requantized_chunks += self.apply_precisions(a, c, &target)?;
+            }
+        }
+        for &a in &idle_apps {
+            self.write_manifest(a);
+        }
+        self.flush();
+        for &(a, c) in &idle {
+            let name = format_id(c);
+            let app = self.apps[a].name.clone();
+            if self.context_resident_bytes(a, c) > 0 {
+                self.evict_context(&app, &name)?;
+                stats.evicted_contexts += 1;
+            }
+        }
+        for &a in &idle_apps {
+            stats.files_removed += self.collect_garbage(a);
+        }
+        stats.freed_bytes = before.saturating_sub(self.resident_bytes);
+        Ok(stats)
     }
 
     /// Waits until every queued swap file and manifest is on disk.
@@ -2520,7 +2647,8 @@ impl KvStore {
         }
         StoreStats {
             policy: self.cfg.policy.name().to_string(),
-            kv_budget_bytes: self.cfg.kv_budget_bytes,
+            kv_budget_bytes: self.budget,
+            kv_budget_max_bytes: self.cfg.kv_budget_bytes,
             kv_resident_bytes: self.resident_bytes,
             kv_resident_peak_bytes: self.resident_peak,
             kv_disk_bytes: disk,

@@ -415,6 +415,73 @@ fn resident_bytes_never_exceed_the_budget() {
 }
 
 #[test]
+fn a_lowered_budget_evicts_spares_calls_in_use_and_grows_back() {
+    let text = &fixture().text;
+    let dir = tempdir();
+    let mut store = open(dir.path(), Policy::Llms);
+    let ids: Vec<String> = (0..3)
+        .map(|i| {
+            store
+                .create_context("app", &text[i * 100..i * 100 + 80])
+                .unwrap()
+        })
+        .collect();
+    let full = store.stats().kv_resident_bytes;
+    let one = store.info("app", &ids[0]).unwrap().resident_bytes;
+    assert!(one > 0 && full >= 3 * one - 3);
+    // Down to one context's worth: LCTRU evicts the others at once.
+    store.set_budget(one).unwrap();
+    let st = store.stats();
+    assert_eq!(
+        (st.kv_budget_bytes, st.kv_budget_max_bytes),
+        (one, 256 << 20)
+    );
+    assert!(st.kv_resident_bytes <= one, "{st:?}");
+    // A call may still open (within the configured budget), and is not evicted under it.
+    let mut s = store.open_session("app", &ids[1], 8).unwrap();
+    store.set_budget(0).unwrap();
+    assert!(store.in_use("app", &ids[1]));
+    store
+        .forward(&mut s, &text[500..504], Logits::Last)
+        .unwrap();
+    store.close_session(s).unwrap();
+    assert_eq!(store.stats().kv_resident_bytes, 0);
+    // Nothing was lost: the evicted context reads back from disk.
+    let (_, report) = probe(&mut store, "app", &ids[0], text[80]);
+    assert!(!report.was_resident && report.chunks_read > 0, "{report:?}");
+    // Never above the configured budget.
+    store.set_budget(u64::MAX).unwrap();
+    assert_eq!(store.budget(), 256 << 20);
+}
+
+#[test]
+fn compact_evicts_everything_idle_and_keeps_it_readable() {
+    let text = &fixture().text;
+    let dir = tempdir();
+    let mut store = open(dir.path(), Policy::Llms);
+    let a = store.create_context("app", &text[..100]).unwrap();
+    let b = store.create_context("other", &text[200..300]).unwrap();
+    // A stray segment (as a crash leaves one) is swept.
+    let app_dir = std::fs::read_dir(dir.path().join("apps"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::fs::write(app_dir.join("f999999.kv"), b"stray").unwrap();
+    let st = store.compact().unwrap();
+    assert_eq!(st.evicted_contexts, 2);
+    assert_eq!(st.files_removed, 1);
+    assert!(st.freed_bytes > 0);
+    assert_eq!(store.stats().kv_resident_bytes, 0);
+    assert!(!app_dir.join("f999999.kv").exists());
+    for (app, id, next) in [("app", &a, text[100]), ("other", &b, text[300])] {
+        let (_, report) = probe(&mut store, app, id, next);
+        assert!(report.chunks_read > 0, "{report:?}");
+    }
+}
+
+#[test]
 fn contexts_survive_reopening_bit_for_bit() {
     let text = &fixture().text;
     let dir = tempdir();

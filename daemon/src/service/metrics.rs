@@ -5,6 +5,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use llmsd_ipc::ErrorCode;
 
+/// Values of [`Metrics::pressure_source`].
+pub const PRESSURE_SOURCES: [&str; 3] = ["off", "psi", "meminfo"];
+
 #[derive(Debug)]
 pub struct Metrics {
     pub running: AtomicU64,
@@ -21,6 +24,19 @@ pub struct Metrics {
     pub kv_resident_bytes: AtomicU64,
     pub kv_budget_bytes: AtomicU64,
     pub contexts: AtomicU64,
+    /// The configured KV budget (`kv_budget_bytes` is the one in force).
+    pub kv_budget_max_bytes: AtomicU64,
+    pub kv_disk_bytes: AtomicU64,
+    /// Owners the KV store knows.
+    pub apps: AtomicU64,
+    /// The daemon's resident set, sampled by the memory watcher.
+    pub rss_bytes: AtomicU64,
+    /// The configured total memory budget (0: none).
+    pub memory_budget_bytes: AtomicU64,
+    /// [`llmsd_ipc::MemoryPressure::level`] as the watcher last saw it.
+    pub memory_pressure: AtomicU64,
+    /// Where pressure is read from: one of [`PRESSURE_SOURCES`], by index.
+    pub pressure_source: AtomicU64,
     errors: [AtomicU64; ErrorCode::ALL.len()],
 }
 
@@ -41,8 +57,21 @@ impl Metrics {
             kv_resident_bytes: AtomicU64::new(0),
             kv_budget_bytes: AtomicU64::new(kv_budget_bytes),
             contexts: AtomicU64::new(0),
+            kv_budget_max_bytes: AtomicU64::new(kv_budget_bytes),
+            kv_disk_bytes: AtomicU64::new(0),
+            apps: AtomicU64::new(0),
+            rss_bytes: AtomicU64::new(0),
+            memory_budget_bytes: AtomicU64::new(0),
+            memory_pressure: AtomicU64::new(0),
+            pressure_source: AtomicU64::new(0),
             errors: Default::default(),
         }
+    }
+
+    /// The name of the pressure source in use.
+    pub fn pressure_source(&self) -> &'static str {
+        let i = self.pressure_source.load(Ordering::Relaxed) as usize;
+        PRESSURE_SOURCES.get(i).copied().unwrap_or("off")
     }
 
     pub fn note_error(&self, code: ErrorCode) {
@@ -147,6 +176,36 @@ impl Metrics {
             "Persistent contexts of all apps.",
             &self.contexts,
         );
+        one(
+            "kv_budget_max_bytes",
+            "gauge",
+            "KV cache memory budget without memory pressure.",
+            &self.kv_budget_max_bytes,
+        );
+        one(
+            "kv_disk_bytes",
+            "gauge",
+            "KV cache bytes in swap files.",
+            &self.kv_disk_bytes,
+        );
+        one(
+            "rss_bytes",
+            "gauge",
+            "Resident set size of the daemon.",
+            &self.rss_bytes,
+        );
+        one(
+            "memory_budget_bytes",
+            "gauge",
+            "Configured total memory budget (0: none).",
+            &self.memory_budget_bytes,
+        );
+        one(
+            "memory_pressure",
+            "gauge",
+            "System memory pressure: 0 none, 1 moderate (KV budget halved), 2 severe (at its minimum).",
+            &self.memory_pressure,
+        );
         let _ = writeln!(
             out,
             "# HELP llmsd_errors_total Errors returned to callers, by code."
@@ -177,6 +236,17 @@ mod tests {
         assert!(t.contains("llmsd_generated_tokens_total 7\n"));
         assert!(t.contains("llmsd_errors_total{code=\"Busy\"} 1\n"));
         assert!(t.contains("# TYPE llmsd_kv_budget_bytes gauge\nllmsd_kv_budget_bytes 1048576\n"));
+        for gauge in [
+            "rss_bytes",
+            "kv_resident_bytes",
+            "kv_disk_bytes",
+            "memory_pressure",
+        ] {
+            assert!(
+                t.contains(&format!("# TYPE llmsd_{gauge} gauge\n")),
+                "{gauge}"
+            );
+        }
         for line in t.lines().filter(|l| !l.starts_with('#')) {
             let (name, value) = line.rsplit_once(' ').unwrap();
             assert!(name.starts_with("llmsd_"), "{line}");

@@ -4,6 +4,7 @@
 //! thread ([`scheduler`]), which owns the model, the KV store and every context; results come
 //! back through channels. Nothing here blocks a tokio worker on inference.
 
+pub mod admin;
 pub mod drr;
 pub mod energy;
 pub mod generation;

@@ -699,6 +699,11 @@ impl QuotaBook {
 
     /// Prometheus text: the total energy, its source, the battery state, and per app its
     /// energy, tokens and refusals (by quota key).
+    /// Energy measured since the state directory was created, in joules.
+    pub fn total_energy_j(&self) -> f64 {
+        self.lock().usage.energy_total_j
+    }
+
     pub fn render_metrics(&self) -> String {
         let on_battery = self.on_battery();
         let st = self.lock();

@@ -21,6 +21,7 @@ use llmsd_ipc::{
 };
 use tokio::sync::{mpsc as tmpsc, oneshot};
 
+use super::admin::{self, OwnerScope};
 use super::drr::Drr;
 use super::energy::EnergyMeter;
 use super::generation::{self, Generation, Step};
@@ -55,6 +56,36 @@ pub(crate) enum Op {
     /// An app's quota report (the store counts its contexts).
     Quota {
         app: String,
+    },
+    /// Owners in scope with their totals. → `Response::Apps`
+    Apps {
+        scope: OwnerScope,
+    },
+    /// Contexts of the owners in scope. → `Response::OwnedContexts`
+    Contexts {
+        scope: OwnerScope,
+    },
+    Chunks {
+        owner: String,
+        id: String,
+    },
+    /// → `Response::Evicted`
+    Evict {
+        owner: String,
+        id: String,
+    },
+    EvictScope {
+        scope: OwnerScope,
+    },
+    /// → `Response::Compacted`
+    Compact,
+    /// The KV budget in force (memory pressure). → `Response::Ok`
+    SetBudget {
+        bytes: u64,
+    },
+    /// A new configured KV budget (reload). → `Response::Ok`
+    SetBudgetMax {
+        bytes: u64,
     },
 }
 
@@ -272,6 +303,14 @@ impl Scheduler {
         self.metrics
             .contexts
             .store(st.contexts as u64, Ordering::Relaxed);
+        let m = &self.metrics;
+        m.kv_budget_bytes
+            .store(st.kv_budget_bytes, Ordering::Relaxed);
+        m.kv_budget_max_bytes
+            .store(st.kv_budget_max_bytes, Ordering::Relaxed);
+        m.kv_disk_bytes.store(st.kv_disk_bytes, Ordering::Relaxed);
+        m.apps
+            .store(self.store.apps().len() as u64, Ordering::Relaxed);
     }
 
     fn handle(&mut self, c: Command) {
@@ -390,7 +429,115 @@ impl Scheduler {
                 let held = self.app_contexts(&app) as u64;
                 Ok(Response::Quota(Box::new(self.quotas.report(&app, held))))
             }
+            Op::Apps { scope } => Ok(Response::Apps(self.apps(&scope))),
+            Op::Contexts { scope } => {
+                let mut out = Vec::new();
+                for owner in self.owners(&scope) {
+                    for c in self.store.list(&owner) {
+                        out.push(llmsd_ipc::OwnedContext {
+                            owner: owner.clone(),
+                            context: self.info(&owner, c),
+                        });
+                    }
+                }
+                Ok(Response::OwnedContexts(out))
+            }
+            Op::Chunks { owner, id } => {
+                let chunks = self.store.chunks(&owner, &id).map_err(api_error)?;
+                Ok(Response::Chunks(
+                    chunks.into_iter().map(admin::chunk_info).collect(),
+                ))
+            }
+            Op::Evict { owner, id } => {
+                let mut report = llmsd_ipc::EvictReport::default();
+                self.store.info(&owner, &id).map_err(api_error)?;
+                self.evict(&owner, &id, &mut report)?;
+                Ok(Response::Evicted(report))
+            }
+            Op::EvictScope { scope } => {
+                let mut report = llmsd_ipc::EvictReport::default();
+                for owner in self.owners(&scope) {
+                    for c in self.store.list(&owner) {
+                        self.evict(&owner, &c.id, &mut report)?;
+                    }
+                }
+                Ok(Response::Evicted(report))
+            }
+            Op::Compact => {
+                let st = self.store.compact().map_err(api_error)?;
+                let after = self.store.stats();
+                Ok(Response::Compacted(llmsd_ipc::CompactReport {
+                    requantized_chunks: st.requantized_chunks,
+                    evicted_contexts: st.evicted_contexts,
+                    freed_bytes: st.freed_bytes,
+                    files_removed: st.files_removed,
+                    kv_resident_bytes: after.kv_resident_bytes,
+                    kv_disk_bytes: after.kv_disk_bytes,
+                }))
+            }
+            Op::SetBudget { bytes } => {
+                self.store.set_budget(bytes).map_err(api_error)?;
+                Ok(Response::Ok)
+            }
+            Op::SetBudgetMax { bytes } => {
+                self.store.set_configured_budget(bytes).map_err(api_error)?;
+                Ok(Response::Ok)
+            }
         }
+    }
+
+    /// The store's owners in `scope`, and those with prompts in flight.
+    fn owners(&self, scope: &OwnerScope) -> Vec<String> {
+        let mut owners: Vec<String> = self
+            .store
+            .apps()
+            .into_iter()
+            .chain(self.running.iter().map(|r| r.job.owner.clone()))
+            .chain(self.waiting.keys().cloned())
+            .filter(|o| scope.matches(o))
+            .collect();
+        owners.sort();
+        owners.dedup();
+        owners
+    }
+
+    fn apps(&self, scope: &OwnerScope) -> Vec<llmsd_ipc::AppInfo> {
+        self.owners(scope)
+            .into_iter()
+            .map(|owner| {
+                let mut a = admin::app_info(&owner);
+                for c in self.store.list(&owner) {
+                    a.contexts += 1;
+                    a.tokens += c.tokens as u64;
+                    a.resident_bytes += c.resident_bytes;
+                    a.disk_bytes += c.disk_bytes;
+                    a.last_use_unix = a.last_use_unix.max(c.last_use_unix);
+                }
+                a.running = self.running.iter().filter(|r| r.job.owner == owner).count() as u64;
+                a.queued = self.waiting.get(&owner).map_or(0, |q| q.len() as u64);
+                a
+            })
+            .collect()
+    }
+
+    /// Drops a context's resident KV (on disk already, or recomputable from its tokens); a
+    /// context a running prompt holds is noted and left.
+    fn evict(
+        &mut self,
+        owner: &str,
+        id: &str,
+        report: &mut llmsd_ipc::EvictReport,
+    ) -> Result<(), ApiError> {
+        if self.in_use(owner, id) || self.store.in_use(owner, id) {
+            report.in_use.push(id.to_string());
+            return Ok(());
+        }
+        let before = self.store.resident_bytes();
+        self.store.evict_context(owner, id).map_err(api_error)?;
+        let after = self.store.resident_bytes();
+        report.contexts += 1;
+        report.freed_bytes += before.saturating_sub(after);
+        Ok(())
     }
 
     fn fail_job(&self, job: &PromptJob, e: ApiError) {
