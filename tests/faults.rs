@@ -7,21 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::*;
-use llmsd_client::{Client, GenerationParams};
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
-fn greedy(max_tokens: u32) -> GenerationParams {
-    GenerationParams {
-        max_tokens,
-        ..GenerationParams::default()
-    }
-}
+use llmsd_client::Client;
 
 /// A tmpfs of `mib` MiB mounted on a new directory, unmounted when dropped.
 struct SmallDisk {

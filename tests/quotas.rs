@@ -11,13 +11,14 @@
 
 mod common;
 
-use std::io::{BufRead, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use common::bus::PrivateBus;
 use common::*;
 use llmsd::dbus::client::Llm1ClientProxy;
 use llmsd_client::{
@@ -89,42 +90,6 @@ fn quota_get(d: &Daemon, app: &str) -> Value {
     let (ok, out, err) = llmsctl(d, false, &["quota", "get", app, "--json"]);
     assert!(ok, "llmsctl quota get {app}: {err}");
     json(&out)
-}
-
-/// A private D-Bus session bus.
-struct PrivateBus {
-    child: Child,
-    address: String,
-    _dir: tempfile::TempDir,
-}
-
-impl PrivateBus {
-    fn session() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let listen = format!("unix:path={}", dir.path().join("bus").display());
-        let mut child = Command::new("dbus-daemon")
-            .args(["--nofork", "--nopidfile", "--print-address", "--session"])
-            .arg(format!("--address={listen}"))
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("dbus-daemon runs (install dbus)");
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("dbus-daemon prints its address");
-        PrivateBus {
-            child,
-            address: line.trim().to_string(),
-            _dir: dir,
-        }
-    }
-}
-
-impl Drop for PrivateBus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// The HTTP key of an app in these tests.

@@ -13,20 +13,6 @@ use llmsd_client::{
     Client, ErrorCode, GenerationParams, PromptInput, PromptRequest, ResponseFormat,
 };
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
-fn greedy(max_tokens: u32) -> GenerationParams {
-    GenerationParams {
-        max_tokens,
-        ..GenerationParams::default()
-    }
-}
-
 #[test]
 fn a_context_continues_across_calls_and_restarts() {
     let mut d = Daemon::start(false, &[]);

@@ -726,3 +726,24 @@ fn an_inherited_socket_of_another_kind_is_refused() {
         "{log_text}"
     );
 }
+
+#[test]
+fn the_cost_models_go_to_systemds_cache_directory() {
+    let cache = tempfile::tempdir().unwrap();
+    let cache_dir = cache.path().join("llmsd");
+    let d = Daemon::start_env(
+        false,
+        &[],
+        &[("CACHE_DIRECTORY", cache_dir.to_str().unwrap())],
+    );
+    assert!(
+        cache_dir.join("costs.json").is_file(),
+        "no costs.json in the cache directory"
+    );
+    let mode = std::fs::metadata(&cache_dir).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700);
+    assert!(
+        !d.state.join("costs.json").exists(),
+        "costs.json in the state directory"
+    );
+}

@@ -39,6 +39,8 @@ pub struct ConfigFile {
     pub http_keys: HashMap<String, String>,
     pub http_max_body_bytes: Option<usize>,
     pub state_dir: Option<PathBuf>,
+    /// What can be measured again (fitted restore cost models); default: the state dir.
+    pub cache_dir: Option<PathBuf>,
     /// `session`, `system` or `off`.
     pub bus: Option<String>,
     pub threads: Option<usize>,

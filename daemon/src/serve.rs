@@ -122,6 +122,15 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         .unwrap_or_else(|| config::default_state_dir(a.system));
 
     let mut store = StoreConfig::new(&state_dir);
+    // systemd's CacheDirectory= (a list; the first is ours), else the config's, else none.
+    store.cache_dir = std::env::var_os("CACHE_DIRECTORY")
+        .and_then(|v| {
+            v.to_str()
+                .and_then(|s| s.split(':').next())
+                .map(PathBuf::from)
+        })
+        .filter(|p| !p.as_os_str().is_empty())
+        .or(file.cache_dir.clone());
     store.kv_budget_bytes = a
         .kv_budget_mib
         .or(file.kv.budget_mib)

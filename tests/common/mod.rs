@@ -2,6 +2,8 @@
 //! to run the real `llmsd` binary.
 #![allow(dead_code)]
 
+pub mod bus;
+
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -74,6 +76,22 @@ pub fn ids(v: &serde_json::Value) -> Vec<u64> {
         .iter()
         .map(|x| x.as_u64().expect("id"))
         .collect()
+}
+
+/// A single-threaded runtime for a test's SDK calls.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// Greedy generation of at most `max_tokens` tokens.
+pub fn greedy(max_tokens: u32) -> llmsd_client::GenerationParams {
+    llmsd_client::GenerationParams {
+        max_tokens,
+        ..llmsd_client::GenerationParams::default()
+    }
 }
 
 /// A running `llmsd serve` with its own socket and state directory, stopped (SIGTERM, then

@@ -140,6 +140,9 @@ pub struct StoreConfig {
     pub density_every_nth_layer: usize,
     /// Measure the restore cost models at start-up (otherwise fixed defaults).
     pub fit_costs: bool,
+    /// Where what can be measured again is kept (the fitted cost models); none = the state
+    /// directory.
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl StoreConfig {
@@ -153,6 +156,7 @@ impl StoreConfig {
             prefill_slice: DEFAULT_PREFILL_SLICE,
             density_every_nth_layer: 1,
             fit_costs: true,
+            cache_dir: None,
         }
     }
 }
@@ -2679,7 +2683,7 @@ impl KvStore {
     }
 
     /// The cost models fitted by an earlier start with the same model, else fitted now and
-    /// kept in `<state>/costs.json`.
+    /// kept in `costs.json` of the cache directory (the state directory unless configured).
     fn cached_or_fitted_costs(&mut self) -> Result<RestoreCosts> {
         #[derive(Serialize, Deserialize)]
         struct Cached {
@@ -2687,7 +2691,11 @@ impl KvStore {
             threads: usize,
             costs: RestoreCosts,
         }
-        let path = self.cfg.state_dir.join("costs.json");
+        let dir = self.cfg.cache_dir.as_ref().unwrap_or(&self.cfg.state_dir);
+        if let Err(e) = durable::ensure_private_dir(dir) {
+            tracing::warn!("cache directory {}: {e}", dir.display());
+        }
+        let path = dir.join("costs.json");
         let threads = self.pool.n_threads();
         if let Ok(Some(c)) = durable::read_json::<Cached>(&path) {
             if c.model == self.fingerprint && c.threads == threads {
