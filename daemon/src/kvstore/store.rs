@@ -493,7 +493,9 @@ pub struct KvStore {
     /// of their items are served from here, and a segment whose write failed (a full disk)
     /// stays here and is written again with the app's next manifest, so nothing is lost or
     /// recomputed differently meanwhile.
-    unwritten: HashMap<(usize, u64), Arc<Vec<PendingItem>>>,
+    /// Shared with the I/O jobs, which drop a segment from it as soon as it is written (its
+    /// memory goes then, not at the next drain).
+    unwritten: Arc<Mutex<UnwrittenSegments>>,
     /// Of those, the ones whose last write failed.
     failed_writes: BTreeSet<(usize, u64)>,
     io: IoThread,
@@ -511,6 +513,8 @@ pub struct KvStore {
     /// chunks it reads (`Some` only while a session is being opened).
     spare: Option<SpareBuffers>,
 }
+
+type UnwrittenSegments = HashMap<(usize, u64), Arc<Vec<PendingItem>>>;
 
 /// Buffers by length, taken by the loader threads of a restore.
 #[derive(Default)]
@@ -571,7 +575,7 @@ impl KvStore {
             resident_bytes: 0,
             resident_peak: 0,
             in_flight: HashSet::new(),
-            unwritten: HashMap::new(),
+            unwritten: Arc::default(),
             failed_writes: BTreeSet::new(),
             io: IoThread::start()?,
             io_failures: 0,
@@ -1340,13 +1344,13 @@ impl KvStore {
             let (a, num) = ((tag >> 48) as usize, tag & ((1 << 48) - 1));
             self.in_flight.remove(&(a, num));
             if result.is_ok() {
-                self.unwritten.remove(&(a, num));
+                self.unwritten_map().remove(&(a, num));
                 self.failed_writes.remove(&(a, num));
                 continue;
             }
             self.io_failures += 1;
             self.close_file(a, num);
-            if self.unwritten.contains_key(&(a, num)) {
+            if self.unwritten_map().contains_key(&(a, num)) {
                 // Kept in memory and written again with the next manifest.
                 self.failed_writes.insert((a, num));
                 continue;
@@ -1416,7 +1420,8 @@ impl KvStore {
             return;
         };
         let items = Arc::new(seg.items);
-        self.unwritten.insert((a, seg.num), Arc::clone(&items));
+        self.unwritten_map()
+            .insert((a, seg.num), Arc::clone(&items));
         self.write_segment(a, seg.num, items);
     }
 
@@ -1428,9 +1433,16 @@ impl KvStore {
         let hash = shape_hash(self.shape);
         let n_layers = self.shape.n_layers;
         let delay = self.io.fault_delay();
+        let unwritten = Arc::clone(&self.unwritten);
         self.io.submit(move || {
             let result = write_segment_items(&path, hash, n_layers, &items, delay)
                 .map_err(|e| e.to_string());
+            if result.is_ok() {
+                unwritten
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&(a, num));
+            }
             Some(Done { tag, result })
         });
     }
@@ -1444,7 +1456,8 @@ impl KvStore {
             .collect();
         for num in failed {
             self.failed_writes.remove(&(a, num));
-            if let Some(items) = self.unwritten.get(&(a, num)).cloned() {
+            let items = self.unwritten_segment(a, num);
+            if let Some(items) = items {
                 self.in_flight.insert((a, num));
                 self.write_segment(a, num, items);
             }
@@ -1452,8 +1465,17 @@ impl KvStore {
     }
 
     /// A sealed chunk of a segment not confirmed on disk yet, from memory.
+    fn unwritten_map(&self) -> std::sync::MutexGuard<'_, UnwrittenSegments> {
+        self.unwritten.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A segment not confirmed on disk yet (being written, or its write failed).
+    fn unwritten_segment(&self, a: usize, num: u64) -> Option<Arc<Vec<PendingItem>>> {
+        self.unwritten_map().get(&(a, num)).cloned()
+    }
+
     fn unwritten_sealed(&self, a: usize, f: FileRef) -> Option<Arc<SealedChunk>> {
-        match self.unwritten.get(&(a, f.num))?.get(f.item as usize)? {
+        match self.unwritten_segment(a, f.num)?.get(f.item as usize)? {
             PendingItem::Sealed(ch) => Some(Arc::clone(ch)),
             _ => None,
         }
@@ -1498,7 +1520,7 @@ impl KvStore {
         }
         for &n in &dead {
             self.close_file(a, n);
-            self.unwritten.remove(&(a, n));
+            self.unwritten_map().remove(&(a, n));
             self.failed_writes.remove(&(a, n));
         }
         let app = &self.apps[a];
@@ -1588,7 +1610,7 @@ impl KvStore {
             )
         };
         let has_tail = n_tokens % CHUNK_TOKENS != 0;
-        if policy.uses_chunk_files() && !self.unwritten.is_empty() {
+        if policy.uses_chunk_files() && !self.unwritten_map().is_empty() {
             // Copies not confirmed on disk yet (being written, or their write failed).
             for i in 0..n_chunks {
                 let id = self.apps[a].contexts[&c].chunks[i];
@@ -1665,13 +1687,12 @@ impl KvStore {
             .collect();
 
         let mut tail_staged: Option<Box<StagedChunk>> = None;
-        let tail_in_memory =
-            tail_ref.and_then(
-                |f| match self.unwritten.get(&(a, f.num))?.get(f.item as usize)? {
-                    PendingItem::Tail { bytes, .. } => StagedChunk::from_bytes(shape, bytes).ok(),
-                    _ => None,
-                },
-            );
+        let tail_in_memory = tail_ref.and_then(|f| {
+            match self.unwritten_segment(a, f.num)?.get(f.item as usize)? {
+                PendingItem::Tail { bytes, .. } => StagedChunk::from_bytes(shape, bytes).ok(),
+                _ => None,
+            }
+        });
         if let Some(s) = tail_in_memory.filter(|s| s.n_tokens() == n_tokens % CHUNK_TOKENS) {
             tail_staged = Some(Box::new(s));
         } else if let Some(src) =
@@ -2459,8 +2480,8 @@ impl KvStore {
                 _ => None,
             };
         }
-        if self.unwritten.contains_key(&(a, f.num)) {
-            return self.unwritten_sealed(a, f)?.dequantize().ok();
+        if let Some(ch) = self.unwritten_sealed(a, f) {
+            return ch.dequantize().ok();
         }
         self.wait_file(a, f.num);
         let file = self.open_file(a, f.num).ok()?;
