@@ -189,8 +189,12 @@ pub fn rss_anon_bytes() -> Option<u64> {
 }
 
 fn status_kib(key: &str) -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with(key))?;
+    kib_field(&std::fs::read_to_string("/proc/self/status").ok()?, key)
+}
+
+/// The value of a `Key:   123 kB` line (as /proc/self/status and /proc/meminfo write them).
+fn kib_field(text: &str, key: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with(key))?;
     line[key.len()..]
         .trim()
         .trim_end_matches("kB")
@@ -215,16 +219,10 @@ pub fn parse_psi(text: &str) -> Option<(f64, f64)> {
 
 /// MemTotal and MemAvailable (bytes) of a `/proc/meminfo`-format text.
 pub fn parse_meminfo(text: &str) -> Option<(u64, u64)> {
-    let kib = |key: &str| -> Option<u64> {
-        let line = text.lines().find(|l| l.starts_with(key))?;
-        line[key.len()..]
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse()
-            .ok()
-    };
-    Some((kib("MemTotal:")? << 10, kib("MemAvailable:")? << 10))
+    Some((
+        kib_field(text, "MemTotal:")? << 10,
+        kib_field(text, "MemAvailable:")? << 10,
+    ))
 }
 
 pub fn psi_level(some: f64, full: f64) -> MemoryPressure {

@@ -1344,7 +1344,7 @@ impl KvStore {
             let (a, num) = ((tag >> 48) as usize, tag & ((1 << 48) - 1));
             self.in_flight.remove(&(a, num));
             if result.is_ok() {
-                self.unwritten_map().remove(&(a, num));
+                // The job already dropped the segment's in-memory copy.
                 self.failed_writes.remove(&(a, num));
                 continue;
             }
