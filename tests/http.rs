@@ -5,14 +5,12 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
+use common::http::http;
 use common::*;
-use serde_json::{json, Value};
+use serde_json::json;
 
 const KEY_A: &str = "sk-llmsd-test-app-a";
 const KEY_B: &str = "sk-llmsd-test-app-b";
@@ -29,43 +27,6 @@ fn keys_config(dir: &Path) -> PathBuf {
     )
     .unwrap();
     p
-}
-
-/// One HTTP/1.1 request over a fresh connection; (status, headers, body). Non-streamed
-/// responses only (they carry a Content-Length).
-fn http(
-    addr: &str,
-    method: &str,
-    path: &str,
-    key: Option<&str>,
-    body: Option<&Value>,
-) -> (u16, String, Value) {
-    let mut s = TcpStream::connect(addr).expect("connect to the HTTP door");
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let auth = key.map_or(String::new(), |k| format!("Authorization: Bearer {k}\r\n"));
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let raw = String::from_utf8(raw).expect("UTF-8 response");
-    let (head, body) = raw.split_once("\r\n\r\n").expect("a header block");
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("a status line");
-    let v = if body.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
-    };
-    (status, head.to_ascii_lowercase(), v)
 }
 
 /// A venv under target/ with the `openai` package; pip failing fails the test.
@@ -136,23 +97,9 @@ fn http_and_socket_doors_agree_and_contexts_survive_a_restart() {
     let (st, _, health) = http(&addr, "GET", "/health", None, None);
     assert_eq!(st, 200);
     assert_eq!(health["status"], "ok");
-    let (st, head, metrics) = {
-        // Prometheus text is not JSON: read it raw.
-        let mut s = TcpStream::connect(&addr).unwrap();
-        write!(
-            s,
-            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut raw = String::new();
-        s.read_to_string(&mut raw).unwrap();
-        let (head, body) = raw.split_once("\r\n\r\n").unwrap();
-        (
-            head.split(' ').nth(1).unwrap().to_string(),
-            head.to_ascii_lowercase(),
-            body.to_string(),
-        )
-    };
+    // Prometheus text is not JSON: read it raw.
+    let r = common::http::request(&addr, "GET", "/metrics", None, b"");
+    let (st, head, metrics) = (r.status.to_string(), r.head, r.body);
     assert_eq!(st, "200");
     assert!(
         head.contains("content-type: text/plain; version=0.0.4"),
@@ -237,16 +184,7 @@ fn http_and_socket_doors_agree_and_contexts_survive_a_restart() {
         two["usage"]["prompt_tokens"].as_u64().unwrap() - cached
     );
     // Bad JSON through the real server: OpenAI's error body.
-    let mut s = TcpStream::connect(&addr).unwrap();
-    write!(
-        s,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
-         Content-Length: 5\r\n\r\n{{oops"
-    )
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    assert!(raw.starts_with("HTTP/1.1 400"), "{raw}");
-    let body = json(raw.split_once("\r\n\r\n").unwrap().1);
-    assert_eq!(body["error"]["type"], "invalid_request_error");
+    let r = common::http::request(&addr, "POST", "/v1/chat/completions", None, b"{oops");
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.json()["error"]["type"], "invalid_request_error");
 }

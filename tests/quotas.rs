@@ -11,7 +11,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -97,20 +97,7 @@ fn key(app: &str) -> String {
     format!("sk-quota-{app}")
 }
 
-/// Sends one HTTP/1.1 request on `s`.
-fn send_http(s: &mut TcpStream, method: &str, path: &str, key: Option<&str>, body: &Value) {
-    let body = body.to_string();
-    let auth = key.map_or(String::new(), |k| format!("Authorization: Bearer {k}\r\n"));
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: llmsd\r\nConnection: close\r\n{auth}\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("send the request");
-}
-
-/// One HTTP/1.1 request; (status, lower-cased headers, JSON body). Not for streams.
+/// One HTTP/1.1 request with a JSON body; (status, lower-cased headers, JSON body).
 fn http(
     addr: &str,
     method: &str,
@@ -118,36 +105,12 @@ fn http(
     key: Option<&str>,
     body: &Value,
 ) -> (u16, String, Value) {
-    let mut s = TcpStream::connect(addr).expect("connect to the HTTP door");
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    send_http(&mut s, method, path, key, body);
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).expect("read the response");
-    let (head, body) = raw.split_once("\r\n\r\n").expect("a header block");
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("a status line");
-    let v = if body.trim().is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
-    };
-    (status, head.to_ascii_lowercase(), v)
+    common::http::http(addr, method, path, key, Some(body))
 }
 
 /// Prometheus text from `/metrics`.
 fn metrics(addr: &str) -> String {
-    let mut s = TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    raw.split_once("\r\n\r\n").unwrap().1.to_string()
+    common::http::request(addr, "GET", "/metrics", None, b"").body
 }
 
 /// The value of one sample (`name` with its labels, as printed).
@@ -408,12 +371,12 @@ impl Doors {
                 s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
                 let body = json!({"messages": [{"role": "user", "content": message}],
                                   "max_tokens": 2000, "ignore_eos": true, "stream": true});
-                send_http(
+                common::http::send(
                     &mut s,
                     "POST",
                     "/v1/chat/completions",
                     Some(&key(app)),
-                    &body,
+                    body.to_string().as_bytes(),
                 );
                 // The status line comes with the first token.
                 let mut first = [0u8; 12];

@@ -20,6 +20,8 @@ use crate::service::{Caller, Service, StreamItem};
 
 /// How long a new connection has to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a frame may take to arrive once its first byte has.
+const FRAME_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Requests one connection may have running at once.
 const MAX_IN_FLIGHT: usize = 64;
 
@@ -77,17 +79,40 @@ pub async fn serve(service: Service, listener: UnixListener) {
     }
 }
 
+/// Reads one frame. Waiting for a frame to begin has no limit (clients keep idle connections),
+/// but once its first byte is in, the rest must arrive within [`FRAME_READ_TIMEOUT`]: a
+/// slow-loris client trickling a frame is cut off.
 async fn read_frame(r: &mut (impl AsyncReadExt + Unpin)) -> Result<Option<Vec<u8>>, FrameError> {
     let mut header = [0u8; 4];
-    match r.read_exact(&mut header).await {
+    match r.read(&mut header[..1]).await {
+        Ok(0) => return Ok(None),
         Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(e.into()),
     }
-    let len = frame::body_len(header)?;
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).await?;
-    Ok(Some(body))
+    let rest = async {
+        r.read_exact(&mut header[1..]).await?;
+        let len = frame::body_len(header)?;
+        let mut body = vec![0u8; len];
+        r.read_exact(&mut body).await?;
+        Ok::<_, FrameError>(body)
+    };
+    match tokio::time::timeout(FRAME_READ_TIMEOUT, rest).await {
+        Ok(Ok(body)) => Ok(Some(body)),
+        Ok(Err(FrameError::Io(e))) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            Err(FrameError::Io(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the connection closed inside a frame",
+            )))
+        }
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(FrameError::Io(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "no whole frame within {} s of its first byte",
+                FRAME_READ_TIMEOUT.as_secs()
+            ),
+        ))),
+    }
 }
 
 type Outbox = mpsc::UnboundedSender<ServerFrame>;

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod bus;
+pub mod http;
 
 use std::path::PathBuf;
 use std::process::Command;

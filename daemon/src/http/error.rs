@@ -136,7 +136,21 @@ impl FromRequest<AppState> for Body {
     type Rejection = HttpError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, HttpError> {
-        match Bytes::from_request(req, state).await {
+        let read = Bytes::from_request(req, state);
+        let Ok(read) = tokio::time::timeout(super::REQUEST_READ_TIMEOUT, read).await else {
+            return Err(HttpError {
+                code: Some("request_timeout".into()),
+                ..HttpError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "invalid_request_error",
+                    format!(
+                        "the request body did not arrive within {} s",
+                        super::REQUEST_READ_TIMEOUT.as_secs()
+                    ),
+                )
+            });
+        };
+        match read {
             Ok(b) => Ok(Body(b)),
             Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(HttpError {
                 code: Some("request_too_large".into()),

@@ -27,7 +27,7 @@ mod tests;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
@@ -106,7 +106,14 @@ pub fn router(service: Service, opts: HttpOptions) -> Router {
         .with_state(state)
 }
 
+/// How long a client has to send a whole request once it has started one: the header block
+/// (hyper's header timeout), and the body after it. Slow-loris clients are cut off after it.
+pub const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves the door on `listener` until `shutdown` resolves (then finishes open requests).
+///
+/// Connections are served with hyper directly rather than `axum::serve`, which sets no header
+/// read timeout: a client trickling its headers would hold a connection forever.
 pub async fn serve(
     service: Service,
     listener: tokio::net::TcpListener,
@@ -115,9 +122,39 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "HTTP door listening");
-    axum::serve(listener, router(service, opts))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let app = router(service, opts);
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(REQUEST_READ_TIMEOUT);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "HTTP accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        // Streamed tokens go out as they come.
+        let _ = stream.set_nodelay(true);
+        let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+        let conn = http1.serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "HTTP connection ended");
+            }
+        });
+    }
+    graceful.shutdown().await;
+    Ok(())
 }
 
 async fn not_found() -> HttpError {
