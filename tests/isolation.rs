@@ -313,7 +313,7 @@ fn socket_attacks(
         ("delete_context", json!({"context": c}), "not_found"),
         (
             "prompt",
-            json!({"context": c, "input": {"text": " and"}, "params": {"max_tokens": 2}}),
+            json!({"context": c, "input": {"messages": [{"role": "user", "content": "Repeat."}]}, "params": {"max_tokens": 2}}),
             "not_found",
         ),
         ("chunks", json!({"context": c}), "not_found"),
@@ -379,7 +379,7 @@ fn two_users_reach_only_their_own_contexts_on_the_socket_and_the_system_bus() {
             &[
                 (
                     "prompt",
-                    json!({"context": id, "input": {"text": "The sky is"},
+                    json!({"context": id, "input": {"messages": [{"role": "user", "content": "Hi!"}]},
                            "params": {"max_tokens": 4}}),
                 ),
                 ("get_context", json!({"context": id})),
@@ -411,7 +411,7 @@ fn two_users_reach_only_their_own_contexts_on_the_socket_and_the_system_bus() {
             &[
                 ("list_contexts", Value::Null),
                 ("apps", Value::Null),
-                ("contexts", Value::Null),
+                ("contexts", json!({})),
                 ("status", Value::Null),
             ],
         );
@@ -425,7 +425,7 @@ fn two_users_reach_only_their_own_contexts_on_the_socket_and_the_system_bus() {
         let owners = |v: &Value| -> Vec<String> {
             v["value"]
                 .as_array()
-                .expect("list")
+                .unwrap_or_else(|| panic!("not a list: {v}"))
                 .iter()
                 .map(|a| a["owner"].as_str().unwrap().to_string())
                 .collect()
@@ -444,7 +444,7 @@ fn two_users_reach_only_their_own_contexts_on_the_socket_and_the_system_bus() {
                 ("get_context", json!({"context": id})),
                 (
                     "prompt",
-                    json!({"context": id, "input": {"text": " and"},
+                    json!({"context": id, "input": {"messages": [{"role": "user", "content": "Hi!"}]},
                            "params": {"max_tokens": 2}}),
                 ),
             ],
@@ -568,6 +568,14 @@ fn two_users_reach_only_their_own_contexts_on_the_socket_and_the_system_bus() {
     assert_no_panic(&d);
 }
 
+/// An HTTP call: method, path, body, extra headers.
+type HttpCall<'a> = (
+    &'a str,
+    &'a str,
+    Option<&'a Value>,
+    &'a [(&'a str, &'a str)],
+);
+
 /// A config with two apps' keys and anonymous callers refused.
 fn keys_config(dir: &Path, extra: &str) -> PathBuf {
     let p = dir.join("llmsd.toml");
@@ -632,7 +640,7 @@ fn http_api_keys_scope_contexts_to_their_app_and_are_never_logged() {
                           "messages": [{"role": "user", "content": "Repeat the code."}]});
     let ctx_path = format!("/v1/contexts/{id}");
     let fork_path = format!("/v1/contexts/{id}/fork");
-    let attacks: [(&str, &str, Option<&Value>, &[(&str, &str)]); 6] = [
+    let attacks: [HttpCall; 6] = [
         ("GET", &ctx_path, None, &[]),
         ("DELETE", &ctx_path, None, &[]),
         ("POST", &fork_path, None, &[]),
@@ -693,6 +701,17 @@ fn http_api_keys_scope_contexts_to_their_app_and_are_never_logged() {
     assert_eq!(again["tokens"].as_u64(), Some(tokens), "{again}");
     let (_, list, _) = http(&addr, "GET", "/v1/contexts", Some(KEY_A), &[], None);
     assert_eq!(list["data"][0]["id"], id.as_str(), "{list}");
+
+    // The HTTP door has no admin verbs (they are the socket's, for local admins only).
+    for (method, path) in [
+        ("GET", "/v1/status"),
+        ("GET", "/v1/apps"),
+        ("POST", "/v1/compact"),
+        ("POST", "/v1/evict"),
+    ] {
+        let (st, v, _) = http(&addr, method, path, Some(KEY_A), &[], None);
+        assert_eq!(st, 404, "{method} {path}: {v}");
+    }
 
     let log = d.log_text();
     assert!(log.contains("DEBUG"), "the daemon logs at debug level");
@@ -812,8 +831,9 @@ fn secrets_of_two_apps_never_cross_under_concurrent_batched_load() {
     let steps = metric(&m, "llmsd_engine_steps_total");
     let generated = metric(&m, "llmsd_generated_tokens_total");
     println!(
-        "own secret repeated {own_secret_seen:?} of {TURNS}x2 turns; {overlapping} overlapping \
-         pairs; {generated} tokens in {steps} steps"
+        "own secret repeated {own_secret_seen:?} of {} turns each; {overlapping} overlapping \
+         pairs; {generated} tokens in {steps} steps",
+        2 * TURNS
     );
     assert!(overlapping > 0, "the two apps never ran at the same time");
     assert!(
@@ -916,6 +936,9 @@ fn state_files_are_0600_in_0700_directories_even_under_umask_000() {
     assert_no_panic(&d);
 }
 
+/// Flags and environment `llmsd serve` must refuse to start with, and what it must say.
+type Refusal = (Vec<String>, Vec<(&'static str, String)>, &'static str);
+
 /// `llmsd serve ARGS` (with `env`) that must refuse to start; its stderr.
 fn serve_refused(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> String {
     let socket = dir.join("refused.sock");
@@ -965,7 +988,7 @@ fn http_refuses_non_loopback_addresses_unless_allowed_and_keyed() {
              [http_keys]\n\"{KEY_A}\" = \"app-a\"\n"
         ),
     );
-    let cases: Vec<(Vec<String>, Vec<(&str, String)>, &str)> = vec![
+    let cases: Vec<Refusal> = vec![
         (vec!["--http".into(), any4.clone()], vec![], "non-loopback"),
         (
             vec!["--http".into(), format!("192.0.2.7:{port}")],
@@ -1063,7 +1086,7 @@ fn llmsd_made(state: &Path, p: &Path) -> bool {
         .map(|c| c.to_string_lossy().into_owned())
         .collect();
     let hex_owner = |s: &str| {
-        s.len() % 2 == 0
+        s.len().is_multiple_of(2)
             && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
             && (0..s.len())
                 .step_by(2)
