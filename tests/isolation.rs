@@ -9,7 +9,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -357,6 +357,8 @@ fn two_users_reach_only_their_own_contexts_on_the_socket_and_the_system_bus() {
         &["--bus", "system"],
         &[("DBUS_SYSTEM_BUS_ADDRESS", &bus.address)],
     );
+    // The users reach the socket whatever the umask the test runs under.
+    std::fs::set_permissions(&d.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     let users = [
         TempUser::create("llmsd-iso-a"),
         TempUser::create("llmsd-iso-b"),
