@@ -313,7 +313,8 @@ fn socket_attacks(
         ("delete_context", json!({"context": c}), "not_found"),
         (
             "prompt",
-            json!({"context": c, "input": {"messages": [{"role": "user", "content": "Repeat."}]}, "params": {"max_tokens": 2}}),
+            json!({"context": c, "params": {"max_tokens": 2},
+                   "input": {"messages": [{"role": "user", "content": "Repeat."}]}}),
             "not_found",
         ),
         ("chunks", json!({"context": c}), "not_found"),
