@@ -212,6 +212,31 @@ pub fn http_addr(
     Ok(Some(addr))
 }
 
+/// A non-loopback HTTP door must require API keys: at least one in `[http_keys]` and no
+/// anonymous callers (`http_allow_anonymous` unset means false there). Callers from the
+/// network have no uid to scope them: a key is all that tells their apps apart.
+pub fn check_remote_http(
+    addr: std::net::SocketAddr,
+    keys: usize,
+    allow_anonymous: Option<bool>,
+) -> Result<(), ConfigError> {
+    if addr.ip().is_loopback() {
+        return Ok(());
+    }
+    if keys == 0 {
+        return Err(ConfigError::Invalid(format!(
+            "refusing to serve HTTP on non-loopback {addr} without API keys: add [http_keys]"
+        )));
+    }
+    if allow_anonymous == Some(true) {
+        return Err(ConfigError::Invalid(format!(
+            "refusing to serve HTTP on non-loopback {addr} to anonymous callers: remove \
+             http_allow_anonymous = true"
+        )));
+    }
+    Ok(())
+}
+
 /// Resolves the admin group (if any) into the policy the doors check callers against.
 pub fn admin_policy(group: Option<&str>) -> Result<AdminPolicy, ConfigError> {
     let mut policy = AdminPolicy {
@@ -310,7 +335,12 @@ impl ConfigFile {
     pub fn check(&self, system: bool) -> CheckReport {
         let mut r = CheckReport::default();
         if let Some(http) = &self.http {
-            if let Err(e) = http_addr(http, self.http_allow_remote) {
+            let addr = http_addr(http, self.http_allow_remote).and_then(|a| {
+                a.map_or(Ok(()), |a| {
+                    check_remote_http(a, self.http_keys.len(), self.http_allow_anonymous)
+                })
+            });
+            if let Err(e) = addr {
                 r.errors.push(e.to_string());
             }
         }
@@ -533,5 +563,30 @@ mod tests {
         assert!(http_addr("127.0.0.1:8460", false).unwrap().is_some());
         assert_eq!(http_addr("off", false).unwrap(), None);
         assert!(http_addr("localhost", false).is_err());
+    }
+
+    #[test]
+    fn remote_http_requires_keys_and_no_anonymous_callers() {
+        let remote: std::net::SocketAddr = "0.0.0.0:8460".parse().unwrap();
+        let local: std::net::SocketAddr = "[::1]:8460".parse().unwrap();
+        assert!(check_remote_http(local, 0, Some(true)).is_ok());
+        let e = check_remote_http(remote, 0, None).unwrap_err().to_string();
+        assert!(e.contains("without API keys"), "{e}");
+        let e = check_remote_http(remote, 1, Some(true))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("anonymous"), "{e}");
+        assert!(check_remote_http(remote, 1, None).is_ok());
+        assert!(check_remote_http(remote, 1, Some(false)).is_ok());
+        let keyless = ConfigFile::parse("http = \"0.0.0.0:8460\"\nhttp_allow_remote = true\n")
+            .unwrap()
+            .check(false);
+        assert!(
+            keyless
+                .errors
+                .iter()
+                .any(|e| e.contains("without API keys")),
+            "{keyless:?}"
+        );
     }
 }

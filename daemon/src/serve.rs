@@ -109,6 +109,9 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         Some(l) => Some(l.local_addr().context("inherited TCP socket")?),
         None => http,
     };
+    if let Some(addr) = http {
+        config::check_remote_http(addr, file.http_keys.len(), file.http_allow_anonymous)?;
+    }
     let bus_explicit = a.bus.is_some() || file.bus.is_some();
     let bus: BusChoice = match a.bus.as_deref().or(file.bus.as_deref()) {
         Some(b) => b.parse()?,
@@ -248,7 +251,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
                 };
                 let opts = HttpOptions {
                     api_keys: file.http_keys.clone(),
-                    allow_anonymous: file.http_allow_anonymous.unwrap_or(true),
+                    // Unset: anonymous callers on loopback only (a remote door needs keys).
+                    allow_anonymous: file.http_allow_anonymous.unwrap_or(addr.ip().is_loopback()),
                     max_body_bytes: file
                         .http_max_body_bytes
                         .unwrap_or(HttpOptions::default().max_body_bytes),

@@ -107,6 +107,8 @@ pub struct Daemon {
     pub log: PathBuf,
     extra: Vec<String>,
     env: Vec<(String, String)>,
+    /// A command the daemon runs under (`sh -c '...; exec "$0" "$@"'`), or none.
+    wrapper: Vec<String>,
 }
 
 /// A TCP port free right now on loopback.
@@ -133,7 +135,34 @@ impl Daemon {
         Self::start_full(Some(state), http, extra, &[])
     }
 
+    /// Like [`Self::start_env`] with the HTTP door on `http` (any address, e.g. `0.0.0.0:PORT`;
+    /// `off` for none) and the daemon run under `wrapper` (a command that ends by exec'ing its
+    /// arguments, e.g. `["sh", "-c", "umask 000 && exec \"$0\" \"$@\""]`).
+    pub fn start_custom(
+        http: &str,
+        wrapper: &[&str],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
+        let mut d = Self::unstarted(None, false, extra, env);
+        d.http = (http != "off").then(|| http.to_string());
+        d.wrapper = wrapper.iter().map(|s| s.to_string()).collect();
+        d.launch();
+        d
+    }
+
     fn start_full(
+        state: Option<PathBuf>,
+        http: bool,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
+        let mut d = Self::unstarted(state, http, extra, env);
+        d.launch();
+        d
+    }
+
+    fn unstarted(
         state: Option<PathBuf>,
         http: bool,
         extra: &[&str],
@@ -144,7 +173,7 @@ impl Daemon {
             .tempdir()
             .expect("temp dir")
             .keep();
-        let mut d = Daemon {
+        Daemon {
             child: None,
             socket: dir.join("llmsd.sock"),
             state: state.unwrap_or_else(|| dir.join("state")),
@@ -156,9 +185,8 @@ impl Daemon {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-        };
-        d.launch();
-        d
+            wrapper: Vec::new(),
+        }
     }
 
     fn launch(&mut self) {
@@ -167,7 +195,14 @@ impl Daemon {
             .append(true)
             .open(&self.log)
             .expect("log file");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_llmsd"));
+        let mut cmd = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(env!("CARGO_BIN_EXE_llmsd"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_llmsd")),
+        };
         cmd.arg("serve")
             .arg("--model")
             .arg(model(SMOLLM2))
@@ -184,9 +219,10 @@ impl Daemon {
         }
         // Only a test's own configuration: none unless its env names a directory.
         cmd.env("XDG_CONFIG_HOME", &self.dir);
+        // A test's own LLMSD_LOG (e.g. debug) wins over the default.
         cmd.args(&self.extra)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("LLMSD_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log);
         let before = std::fs::read_to_string(&self.log).map_or(0, |s| s.len());

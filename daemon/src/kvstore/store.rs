@@ -424,9 +424,11 @@ pub fn format_id(id: u64) -> String {
     format!("ctx-{id:016x}")
 }
 
+/// The id of exactly the spelling [`format_id`] gives: `from_str_radix` alone would also take
+/// `+` and upper case, and such aliases would reach transcript file names and usage keys.
 fn parse_id(s: &str) -> Option<u64> {
     let hex = s.strip_prefix("ctx-")?;
-    if hex.len() != 16 {
+    if hex.len() != 16 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
         return None;
     }
     u64::from_str_radix(hex, 16).ok()
@@ -2984,4 +2986,26 @@ fn sealed_from_concat(
         chunk.set_layer(l, part.into())?;
     }
     Ok(chunk)
+}
+
+#[cfg(test)]
+mod id_tests {
+    use super::{format_id, parse_id};
+
+    #[test]
+    fn only_the_issued_spelling_of_an_id_parses() {
+        let id = 0x00ab_cdef_0123_4567;
+        assert_eq!(parse_id(&format_id(id)), Some(id));
+        for alias in [
+            "ctx-00ABCDEF01234567",
+            "ctx-+0abcdef01234567",
+            "CTX-00abcdef01234567",
+            "ctx-0abcdef01234567",
+            "ctx-000abcdef01234567",
+            "ctx-../../etc/passwd",
+            "ctx-\u{ff10}abcdef0123456",
+        ] {
+            assert_eq!(parse_id(alias), None, "{alias:?}");
+        }
+    }
 }
