@@ -5,6 +5,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use common::*;
 use llmsd_client::Client;
@@ -182,4 +183,268 @@ fn a_damaged_model_file_is_refused_at_start() {
         err.to_lowercase().contains("magic") || err.contains("GGUF"),
         "{err}"
     );
+}
+
+/// Where in serving a turn the daemon is killed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum KillPoint {
+    /// While a long prompt is being prefilled (before its first token).
+    Prefill,
+    /// After some tokens of the answer have streamed.
+    Decode,
+    /// Just after the answer: its chunks and the manifest are being written and another
+    /// context's turn is evicting this one (every write slowed by the fault-injection knob).
+    SwapOut,
+}
+
+/// The conversation both runs follow: (context, message).
+fn crash_script() -> Vec<(usize, String)> {
+    let gpl = std::fs::read_to_string("/usr/share/common-licenses/GPL-3").expect("GPL-3");
+    let long = |from: usize| {
+        format!(
+            "Summarize this in one sentence:\n{}",
+            &gpl[from..from + 1500]
+        )
+    };
+    vec![
+        (0, "Name a planet.".into()),
+        (1, "Name a river.".into()),
+        (2, long(0)),
+        (0, "Name another one.".into()),
+        (1, "Which one is longest?".into()),
+        (2, "Say it in three words.".into()),
+        (0, long(3000)),
+        (1, "Name a mountain.".into()),
+        (2, "Name a colour.".into()),
+        (0, "Which of them is biggest?".into()),
+    ]
+}
+
+/// A daemon for the crash runs: a KV budget far below the three contexts, so every switch
+/// swaps one out, and slowed writes, so a kill lands inside them.
+fn crash_daemon() -> Daemon {
+    Daemon::start_env(
+        false,
+        &["--kv-budget-mib", "16"],
+        &[("LLMSD_FAULT_IO_DELAY_MS", "40")],
+    )
+}
+
+const SYSTEMS: [&str; 3] = [
+    "You answer in a few words.",
+    "You are a geography teacher. Be brief.",
+    "You summarize texts.",
+];
+
+/// Every turn's answer and every context's token count after it, without crashes.
+fn crash_control() -> (Vec<String>, Vec<[u64; 3]>) {
+    let d = crash_daemon();
+    rt().block_on(async {
+        let c = Client::connect(&d.socket, "crash").await.unwrap();
+        let mut ids = Vec::new();
+        for s in SYSTEMS {
+            ids.push(c.create_context(Some(s)).await.unwrap().id().to_string());
+        }
+        let mut answers = Vec::new();
+        let mut tokens = Vec::new();
+        for (ctx, msg) in crash_script() {
+            let done = c
+                .context(&ids[ctx])
+                .chat(&msg, greedy(12))
+                .await
+                .unwrap()
+                .completion()
+                .await
+                .unwrap();
+            answers.push(done.text);
+            let mut after = [0u64; 3];
+            for (i, id) in ids.iter().enumerate() {
+                after[i] = c.context(id).info().await.unwrap().tokens;
+            }
+            tokens.push(after);
+        }
+        (answers, tokens)
+    })
+}
+
+/// kill -9 at random points while serving (prefill, decode, swap-out and manifest writes),
+/// then restart: every context is there, holds its state from before or after the turn that
+/// was cut (never anything else), and the conversation goes on exactly as without crashes.
+#[test]
+fn kill_9_while_serving_loses_no_context_and_changes_no_answer() {
+    use rand::{Rng, SeedableRng};
+    let seed = std::env::var("LLMSD_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(7, |d| d.as_secs())
+        });
+    println!("LLMSD_CRASH_SEED={seed}");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let (want_answers, want_tokens) = crash_control();
+    let script = crash_script();
+    // Where to crash: each kind at least once, at turns where it means something (long
+    // prompts for prefill).
+    let plan: Vec<(usize, KillPoint)> = vec![
+        (2, KillPoint::Prefill),
+        (3, KillPoint::Decode),
+        (4, KillPoint::SwapOut),
+        (6, KillPoint::Prefill),
+        (7, KillPoint::SwapOut),
+        (9, KillPoint::Decode),
+    ];
+    let mut d = crash_daemon();
+    let rt = rt();
+    let ids: Vec<String> = rt.block_on(async {
+        let c = Client::connect(&d.socket, "crash").await.unwrap();
+        let mut ids = Vec::new();
+        for s in SYSTEMS {
+            ids.push(c.create_context(Some(s)).await.unwrap().id().to_string());
+        }
+        ids
+    });
+    let mut tokens_now = [0u64; 3];
+    rt.block_on(async {
+        let c = Client::connect(&d.socket, "crash").await.unwrap();
+        for (i, id) in ids.iter().enumerate() {
+            tokens_now[i] = c.context(id).info().await.unwrap().tokens;
+        }
+    });
+    let mut landed_count = 0;
+    for (turn, (ctx, msg)) in script.iter().enumerate() {
+        let kill = plan.iter().find(|(t, _)| *t == turn).map(|(_, k)| *k);
+        let answer = rt.block_on(async {
+            let c = Client::connect(&d.socket, "crash").await.unwrap();
+            let mut s = c.context(&ids[*ctx]).chat(msg, greedy(12)).await.unwrap();
+            match kill {
+                None => Some(s.completion().await.unwrap().text),
+                Some(KillPoint::Prefill) => {
+                    tokio::time::sleep(Duration::from_millis(rng.gen_range(5..150))).await;
+                    None
+                }
+                Some(KillPoint::Decode) => {
+                    for _ in 0..rng.gen_range(1..8) {
+                        s.next_token().await.unwrap().expect("a token");
+                    }
+                    None
+                }
+                Some(KillPoint::SwapOut) => {
+                    s.completion().await.unwrap();
+                    // A long one-off prompt needs the memory: this context's chunks go to
+                    // disk while its manifest is being written.
+                    let _next = c
+                        .prompt(llmsd_client::PromptRequest {
+                            context: None,
+                            input: llmsd_client::PromptInput::Text(script[2].1.clone()),
+                            params: greedy(2),
+                            stream: true,
+                        })
+                        .await
+                        .unwrap();
+                    tokio::time::sleep(Duration::from_millis(rng.gen_range(0..400))).await;
+                    None
+                }
+            }
+        });
+        if let Some(text) = answer {
+            assert_eq!(text, want_answers[turn], "turn {turn}");
+            tokens_now = want_tokens[turn];
+            continue;
+        }
+        let point = kill.expect("a kill point");
+        d.kill();
+        d.restart();
+        let before = tokens_now[*ctx];
+        let (after, listed) = rt.block_on(async {
+            let c = Client::connect(&d.socket, "crash").await.unwrap();
+            let listed: Vec<String> = c
+                .list_contexts()
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|i| i.id)
+                .collect();
+            let mut after = [0u64; 3];
+            for (i, id) in ids.iter().enumerate() {
+                after[i] = c
+                    .context(id)
+                    .info()
+                    .await
+                    .unwrap_or_else(|e| panic!("turn {turn} ({point:?}): context {i} lost: {e}"))
+                    .tokens;
+            }
+            (after, listed)
+        });
+        for id in &ids {
+            assert!(
+                listed.contains(id),
+                "turn {turn} ({point:?}): {id} not listed"
+            );
+        }
+        for i in 0..3 {
+            if i != *ctx {
+                assert_eq!(
+                    after[i], tokens_now[i],
+                    "turn {turn} ({point:?}): context {i} changed"
+                );
+            }
+        }
+        let landed = after[*ctx] == want_tokens[turn][*ctx];
+        assert!(
+            landed || after[*ctx] == before,
+            "turn {turn} ({point:?}): context {ctx} has {} tokens: neither {before} (before) \
+             nor {} (after)",
+            after[*ctx],
+            want_tokens[turn][*ctx]
+        );
+        println!("turn {turn}: killed during {point:?}; the turn landed: {landed}");
+        if landed {
+            landed_count += 1;
+        } else {
+            // The client saw no answer: it asks again, and gets what it would have got.
+            let text = rt.block_on(async {
+                let c = Client::connect(&d.socket, "crash").await.unwrap();
+                c.context(&ids[*ctx])
+                    .chat(msg, greedy(12))
+                    .await
+                    .unwrap()
+                    .completion()
+                    .await
+                    .unwrap()
+                    .text
+            });
+            assert_eq!(
+                text, want_answers[turn],
+                "turn {turn} redone after {point:?}"
+            );
+        }
+        tokens_now = want_tokens[turn];
+    }
+    println!(
+        "{} kills, {landed_count} after the turn had landed",
+        plan.len()
+    );
+    // Swap-out really happened: the contexts' chunks are on disk.
+    assert!(
+        files_under(&d.state, ".kv") > 0,
+        "no swap segment was ever written"
+    );
+    let log = d.log_text();
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+/// Files under `dir` (recursively) whose names end with `suffix`.
+fn files_under(dir: &Path, suffix: &str) -> usize {
+    let mut n = 0;
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            n += files_under(&p, suffix);
+        } else if p.to_string_lossy().ends_with(suffix) {
+            n += 1;
+        }
+    }
+    n
 }

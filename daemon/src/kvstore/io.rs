@@ -2,8 +2,10 @@
 //!
 //! Jobs run in submission order, so a manifest queued after a call's chunk files is written
 //! only once those files are durable. Results come back as [`Done`] records the store drains
-//! when it next runs; [`IoThread::flush`] waits for everything queued so far.
+//! when it next runs; [`IoThread::flush`] waits for everything queued so far, and
+//! [`IoThread::submitted`] / [`IoThread::completed`] let a caller wait without blocking.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -26,6 +28,9 @@ pub struct IoThread {
     tx: Option<mpsc::Sender<Msg>>,
     delay: Option<std::time::Duration>,
     done: Arc<Mutex<Vec<Done>>>,
+    /// Jobs queued so far, and jobs finished (in order: every job up to it has run).
+    submitted: AtomicU64,
+    completed: Arc<AtomicU64>,
     handle: Option<JoinHandle<()>>,
 }
 
@@ -41,6 +46,8 @@ impl IoThread {
             .and_then(|v| v.parse::<u64>().ok())
             .map(std::time::Duration::from_millis);
         let job_delay = delay;
+        let completed = Arc::new(AtomicU64::new(0));
+        let finished = Arc::clone(&completed);
         let handle = std::thread::Builder::new()
             .name("llmsd-kv-io".into())
             .spawn(move || {
@@ -56,6 +63,7 @@ impl IoThread {
                                 }
                                 sink.lock().unwrap_or_else(|e| e.into_inner()).push(d);
                             }
+                            finished.fetch_add(1, Ordering::Release);
                         }
                         Msg::Flush(ack) => {
                             let _ = ack.send(());
@@ -67,6 +75,8 @@ impl IoThread {
             tx: Some(tx),
             delay,
             done,
+            submitted: AtomicU64::new(0),
+            completed,
             handle: Some(handle),
         })
     }
@@ -83,9 +93,22 @@ impl IoThread {
             .tx
             .as_ref()
             .map(|tx| tx.send(Msg::Run(Box::new(job))).is_ok());
-        if sent != Some(true) {
+        if sent == Some(true) {
+            self.submitted.fetch_add(1, Ordering::Release);
+        } else {
             tracing::error!("KV I/O thread is gone; a swap-out was dropped");
         }
+    }
+
+    /// How many jobs were queued so far: a mark to compare with [`Self::completed`].
+    pub fn submitted(&self) -> u64 {
+        self.submitted.load(Ordering::Acquire)
+    }
+
+    /// How many jobs have run (successfully or not); jobs run in order, so every job up to
+    /// this count has.
+    pub fn completed(&self) -> u64 {
+        self.completed.load(Ordering::Acquire)
     }
 
     /// Waits until every job queued before this call has run.
@@ -132,7 +155,9 @@ mod tests {
                 })
             });
         }
+        assert_eq!(io.submitted(), 50);
         io.flush();
+        assert_eq!(io.completed(), 50);
         assert_eq!(*log.lock().unwrap(), (0..50).collect::<Vec<_>>());
         let done: Vec<u64> = io.take_done().iter().map(|d| d.tag).collect();
         assert_eq!(done, vec![0, 10, 20, 30, 40]);

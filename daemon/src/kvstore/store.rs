@@ -2652,6 +2652,18 @@ impl KvStore {
         Ok(stats)
     }
 
+    /// A mark covering every write queued so far (swap files, manifests). Once
+    /// [`Self::is_written`] says so, all the store has changed up to now is on disk (or its
+    /// write failed, and is kept in memory and retried).
+    pub fn write_mark(&self) -> u64 {
+        self.io.submitted()
+    }
+
+    /// Whether every write up to `mark` has run; never blocks.
+    pub fn is_written(&self, mark: u64) -> bool {
+        self.io.completed() >= mark
+    }
+
     /// Waits until every queued swap file and manifest is on disk.
     pub fn flush(&mut self) {
         self.io.flush();

@@ -9,7 +9,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use llmsd_engine::chat::ChatTemplate;
 use llmsd_engine::model::Logits;
@@ -87,6 +87,17 @@ pub(crate) enum Op {
     SetBudgetMax {
         bytes: u64,
     },
+}
+
+impl Op {
+    /// Whether the operation creates or deletes contexts: its reply waits until that is on
+    /// disk.
+    fn changes_contexts(&self) -> bool {
+        matches!(
+            self,
+            Op::Create { .. } | Op::Delete { .. } | Op::Fork { .. }
+        )
+    }
 }
 
 pub(crate) enum Command {
@@ -182,7 +193,17 @@ pub(crate) struct Scheduler {
     shutdown: bool,
     quotas: Arc<QuotaBook>,
     meter: EnergyMeter,
+    /// Replies held back until the KV store's writes up to a mark are on disk, oldest first:
+    /// a caller hears that a turn (or a new, forked or deleted context) is done only once a
+    /// crash can no longer undo it.
+    held_replies: VecDeque<(u64, HeldReply)>,
 }
+
+/// Sends a reply that was held back.
+type HeldReply = Box<dyn FnOnce() + Send>;
+
+/// How often an idle scheduler looks whether held replies' writes are done.
+const HELD_REPLY_POLL: Duration = Duration::from_millis(2);
 
 /// Running estimates of what a step costs, to size prompt slices while others decode.
 #[derive(Debug, Default)]
@@ -256,6 +277,7 @@ impl Scheduler {
             shutdown: false,
             quotas,
             meter,
+            held_replies: VecDeque::new(),
         };
         s.update_gauges();
         s
@@ -263,10 +285,19 @@ impl Scheduler {
 
     pub(crate) fn run(mut self, rx: mpsc::Receiver<Command>) {
         loop {
+            self.release_held_replies();
             if self.running.is_empty() && self.waiting_len() == 0 {
-                match rx.recv() {
-                    Ok(c) => self.handle(c),
-                    Err(_) => break,
+                if self.held_replies.is_empty() {
+                    match rx.recv() {
+                        Ok(c) => self.handle(c),
+                        Err(_) => break,
+                    }
+                } else {
+                    match rx.recv_timeout(HELD_REPLY_POLL) {
+                        Ok(c) => self.handle(c),
+                        Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
                 }
             }
             while let Ok(c) = rx.try_recv() {
@@ -282,6 +313,28 @@ impl Scheduler {
             }
         }
         self.stop_all();
+    }
+
+    /// Sends `reply` once everything the store has queued so far is written.
+    fn reply_when_written(&mut self, reply: HeldReply) {
+        let mark = self.store.write_mark();
+        if self.held_replies.is_empty() && self.store.is_written(mark) {
+            reply();
+        } else {
+            self.held_replies.push_back((mark, reply));
+        }
+    }
+
+    /// Sends the held replies whose writes are done (in order: marks only grow).
+    fn release_held_replies(&mut self) {
+        while let Some((mark, _)) = self.held_replies.front() {
+            if !self.store.is_written(*mark) {
+                break;
+            }
+            if let Some((_, reply)) = self.held_replies.pop_front() {
+                reply();
+            }
+        }
     }
 
     fn waiting_len(&self) -> usize {
@@ -316,11 +369,18 @@ impl Scheduler {
     fn handle(&mut self, c: Command) {
         match c {
             Command::Op(op, reply) => {
+                let durable = op.changes_contexts();
                 let r = self.op(op);
                 if let Err(e) = &r {
                     self.metrics.note_error(e.code);
                 }
-                let _ = reply.send(r);
+                if durable && r.is_ok() {
+                    self.reply_when_written(Box::new(move || {
+                        let _ = reply.send(r);
+                    }));
+                } else {
+                    let _ = reply.send(r);
+                }
                 self.update_store_gauges();
             }
             Command::Prompt(job) => {
@@ -1118,7 +1178,15 @@ impl Scheduler {
                 .map(|_| std::mem::take(&mut r.gen.logprobs)),
             prompt_logprobs: r.prompt_logprobs.take(),
         };
-        let _ = r.job.events.send(StreamItem::Done(Box::new(completion)));
+        let events = r.job.events.clone();
+        let done = StreamItem::Done(Box::new(completion));
+        if r.ephemeral {
+            let _ = events.send(done);
+        } else {
+            self.reply_when_written(Box::new(move || {
+                let _ = events.send(done);
+            }));
+        }
         (self.forget)(r.job.request);
         self.update_store_gauges();
         self.quotas.flush(false);
@@ -1184,6 +1252,7 @@ impl Scheduler {
             }
         }
         self.store.flush();
+        self.release_held_replies();
         self.quotas.flush(true);
         self.update_gauges();
     }
