@@ -448,3 +448,153 @@ fn files_under(dir: &Path, suffix: &str) -> usize {
     }
     n
 }
+
+/// How each app's swap files are damaged.
+const DAMAGE: [(&str, &str); 3] = [
+    ("dmg-flip", "bytes flipped"),
+    ("dmg-trunc", "truncated to half"),
+    ("dmg-delete", "deleted"),
+];
+
+/// The directory of `app`'s swap files and manifest under `state`.
+fn app_dir(state: &Path, app: &str) -> PathBuf {
+    let owner = format!("\"u0:{app}\"");
+    let mut found = Vec::new();
+    let mut stack = vec![state.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.file_name().is_some_and(|n| n == "manifest.json")
+                && std::fs::read_to_string(&p).is_ok_and(|t| t.contains(&owner))
+            {
+                found.push(dir.clone());
+            }
+        }
+    }
+    assert_eq!(found.len(), 1, "{app}: manifests {found:?}");
+    found.remove(0)
+}
+
+/// Damages every swap segment of `app` the way its row of [`DAMAGE`] says; returns how many.
+fn damage(state: &Path, app: &str) -> usize {
+    let dir = app_dir(state, app);
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap().flatten() {
+        let p = e.path();
+        if p.extension().is_none_or(|x| x != "kv") {
+            continue;
+        }
+        n += 1;
+        match app {
+            "dmg-flip" => {
+                let mut b = std::fs::read(&p).unwrap();
+                let len = b.len();
+                for k in 1..16 {
+                    b[len * k / 16] ^= 0x5a;
+                }
+                // In place, as a bad disk would: the daemon's open descriptors see it too.
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&p)
+                    .and_then(|mut f| std::io::Write::write_all(&mut f, &b))
+                    .unwrap();
+            }
+            "dmg-trunc" => {
+                let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+                let len = f.metadata().unwrap().len();
+                f.set_len(len / 2).unwrap();
+            }
+            _ => std::fs::remove_file(&p).unwrap(),
+        }
+    }
+    n
+}
+
+/// Two more turns of each damage app's context after its first; with `damaged`, its swap
+/// files are damaged behind the running daemon's back before the second turn (all contexts
+/// evicted first, so it must read them), and again while it is stopped before the third.
+fn damaged_conversation(damaged: bool) -> (Vec<String>, String) {
+    let mut d = Daemon::start(false, &[]);
+    let rt = rt();
+    let questions = [
+        "Describe the sea in two sentences.",
+        "And a river?",
+        "And a lake?",
+    ];
+    let mut answers = Vec::new();
+    let ids: Vec<String> = rt.block_on(async {
+        let mut ids = Vec::new();
+        for (app, _) in DAMAGE {
+            let c = Client::connect(&d.socket, app).await.unwrap();
+            let ctx = c.create_context(Some("Answer briefly.")).await.unwrap();
+            ctx.chat(questions[0], greedy(24))
+                .await
+                .unwrap()
+                .completion()
+                .await
+                .unwrap();
+            ids.push(ctx.id().to_string());
+        }
+        ids
+    });
+    for (turn, question) in questions.iter().enumerate().skip(1) {
+        if damaged {
+            if turn == 2 {
+                d.stop();
+            } else {
+                rt.block_on(async {
+                    let c = Client::connect(&d.socket, "admin").await.unwrap();
+                    for (app, _) in DAMAGE {
+                        c.evict_app(app).await.unwrap();
+                    }
+                });
+            }
+            for (app, how) in DAMAGE {
+                let n = damage(&d.state, app);
+                assert!(n > 0, "{app}: no swap segment to damage");
+                println!("turn {turn}: {app}: {n} segments {how}");
+            }
+            if turn == 2 {
+                d.restart();
+            }
+        }
+        rt.block_on(async {
+            for ((app, _), id) in DAMAGE.iter().zip(&ids) {
+                let c = Client::connect(&d.socket, app).await.unwrap();
+                let done = c
+                    .context(id)
+                    .chat(question, greedy(12))
+                    .await
+                    .unwrap()
+                    .completion()
+                    .await
+                    .unwrap();
+                answers.push(format!("{app} turn {turn}: {}", done.text));
+            }
+        });
+    }
+    (answers, d.log_text())
+}
+
+/// Swap files corrupted, truncated or deleted behind the daemon's back (while it runs, and
+/// while it is stopped) are detected when read and their chunks recomputed from the
+/// context's tokens: the answers are those of an undamaged run.
+#[test]
+fn damaged_swap_files_are_detected_and_recomputed() {
+    let (want, _) = damaged_conversation(false);
+    let (got, log) = damaged_conversation(true);
+    let warnings: Vec<&str> = log.lines().filter(|l| l.contains("recomputing")).collect();
+    println!(
+        "{} damage warnings, e.g. {:?}",
+        warnings.len(),
+        warnings.first()
+    );
+    assert!(
+        log.contains("unusable, recomputing"),
+        "the damage was never detected:\n{log}"
+    );
+    assert_eq!(got, want);
+    assert!(!log.contains("panicked"), "{log}");
+}
