@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod bus;
+pub mod probe;
 
 use std::path::PathBuf;
 use std::process::Command;

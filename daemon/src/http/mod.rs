@@ -106,6 +106,11 @@ pub fn router(service: Service, opts: HttpOptions) -> Router {
         .with_state(state)
 }
 
+/// Each HTTP connection's kernel send buffer. Fixed rather than autotuned (up to megabytes):
+/// a client that stops reading a stream then stalls it after about this much, so the
+/// slow-client timeout cancels the call; ample for streams of tokens.
+const SEND_BUFFER_BYTES: usize = 64 << 10;
+
 /// Serves the door on `listener` until `shutdown` resolves (then finishes open requests).
 pub async fn serve(
     service: Service,
@@ -113,8 +118,15 @@ pub async fn serve(
     opts: HttpOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "HTTP door listening");
+    let listener = listener.tap_io(|tcp| {
+        use nix::sys::socket::{setsockopt, sockopt::SndBuf};
+        if let Err(e) = setsockopt(&*tcp, SndBuf, &SEND_BUFFER_BYTES) {
+            tracing::debug!(error = %e, "cannot size an HTTP connection's send buffer");
+        }
+    });
     axum::serve(listener, router(service, opts))
         .with_graceful_shutdown(shutdown)
         .await
