@@ -313,7 +313,7 @@ fn an_http_client_that_never_reads_its_stream_has_the_request_cancelled() {
     let error = raw
         .lines()
         .filter_map(|l| l.strip_prefix("data: "))
-        .last()
+        .next_back()
         .map(|l| serde_json::from_str::<Value>(l).unwrap_or(Value::Null))
         .unwrap_or(Value::Null);
     println!(
