@@ -54,6 +54,16 @@ pub struct ConfigFile {
     /// Every app's quota defaults (the keys of `[apps.NAME]`'s quotas).
     pub quotas: Quota,
     pub energy: EnergySection,
+    pub limits: LimitsSection,
+}
+
+/// `[limits]`: what one client may cost the daemon.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsSection {
+    /// How long a streaming call may wait on a client that does not read it before the call
+    /// is cancelled (and a socket connection closed) [default: 10000].
+    pub slow_client_timeout_ms: Option<u64>,
 }
 
 /// `[energy]`: how energy is measured and what battery power changes.
@@ -166,6 +176,9 @@ impl ConfigFile {
                 .map_err(|e| format!("apps.{name}: {e}"))?;
         }
         crate::service::energy::validate(c.energy.watts_per_core, c.energy.battery_factor)?;
+        if c.limits.slow_client_timeout_ms == Some(0) {
+            return Err("limits.slow_client_timeout_ms must be at least 1".into());
+        }
         Ok(c)
     }
 }
@@ -486,9 +499,12 @@ mod tests {
             priority = "foreground"
             [http_keys]
             "sk-test-123456" = "notes"
+            [limits]
+            slow_client_timeout_ms = 2500
             "#,
         )
         .unwrap();
+        assert_eq!(c.limits.slow_client_timeout_ms, Some(2500));
         assert_eq!(c.kv.budget_mib, Some(64));
         assert_eq!(c.memory.budget_mib, Some(512));
         assert_eq!(c.memory.interval_ms, Some(500));
@@ -548,6 +564,8 @@ mod tests {
             "[energy]\nwatts_per_core = 0.0",
             "[energy]\nbattery_factor = 2.0",
             "[energy]\nwatts = 4.0",
+            "[limits]\nslow_client_timeout_ms = 0",
+            "[limits]\nslow_client_timeout = 5",
         ] {
             assert!(ConfigFile::parse(bad).is_err(), "{bad:?} accepted");
         }

@@ -170,6 +170,9 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         svc.prefill_latency_factor = f;
     }
     svc.app_priority = app_priorities(&file);
+    if let Some(ms) = file.limits.slow_client_timeout_ms {
+        svc.slow_client_timeout = std::time::Duration::from_millis(ms.max(1));
+    }
 
     svc.admin = config::admin_policy(file.admin_group.as_deref())?;
     svc.quota = quota_config(&file);

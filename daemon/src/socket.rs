@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ use llmsd_ipc::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::{mpsc, Mutex, Notify};
 
 use crate::service::{Caller, Service, StreamItem};
 
@@ -24,6 +25,9 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const FRAME_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Requests one connection may have running at once.
 const MAX_IN_FLIGHT: usize = 64;
+/// Frames queued for one connection's writer beyond what the kernel buffers; a client that
+/// does not read fills it, then its requests wait (see [`Outbox::send`]).
+const OUTBOX_FRAMES: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SocketError {
@@ -115,12 +119,52 @@ async fn read_frame(r: &mut (impl AsyncReadExt + Unpin)) -> Result<Option<Vec<u8
     }
 }
 
-type Outbox = mpsc::UnboundedSender<ServerFrame>;
+/// The frames on their way to one connection's writer: bounded, so a client that does not
+/// read costs a bounded amount of memory. A frame that cannot be queued within the
+/// slow-client timeout gives up on the client: the connection closes (its running prompts
+/// are cancelled, their contexts left as before).
+#[derive(Clone)]
+struct Outbox {
+    tx: mpsc::Sender<ServerFrame>,
+    timeout: Duration,
+    /// Set once the connection is given up on; `stalled` wakes the reader to close it.
+    given_up: Arc<AtomicBool>,
+    stalled: Arc<Notify>,
+}
+
+/// The connection is closing: the frame was not sent.
+#[derive(Debug)]
+struct Closed;
+
+impl Outbox {
+    async fn send(&self, f: ServerFrame) -> Result<(), Closed> {
+        match tokio::time::timeout(self.timeout, self.tx.send(f)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(Closed),
+            Err(_) => {
+                if !self.given_up.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        timeout_ms = self.timeout.as_millis() as u64,
+                        "closing a socket connection whose client does not read"
+                    );
+                    self.stalled.notify_one();
+                }
+                Err(Closed)
+            }
+        }
+    }
+}
 
 async fn connection(service: Service, stream: UnixStream) -> io::Result<()> {
     let cred = stream.peer_cred()?;
     let (mut rd, mut wr) = stream.into_split();
-    let (out, mut outbox) = mpsc::unbounded_channel::<ServerFrame>();
+    let (tx, mut outbox) = mpsc::channel::<ServerFrame>(OUTBOX_FRAMES);
+    let out = Outbox {
+        tx,
+        timeout: service.slow_client_timeout(),
+        given_up: Arc::default(),
+        stalled: Arc::default(),
+    };
     // One writer per connection, so frames of concurrent requests never interleave.
     let writer = tokio::spawn(async move {
         while let Some(f) = outbox.recv().await {
@@ -137,8 +181,9 @@ async fn connection(service: Service, stream: UnixStream) -> io::Result<()> {
         }
         let _ = wr.shutdown().await;
     });
+    // Before the welcome the outbox is empty, so this never waits.
     let fatal = |out: &Outbox, code: ErrorCode, msg: String| {
-        let _ = out.send(ServerFrame::Error {
+        let _ = out.tx.try_send(ServerFrame::Error {
             id: None,
             error: ApiError::new(code, msg),
         });
@@ -190,7 +235,7 @@ async fn connection(service: Service, stream: UnixStream) -> io::Result<()> {
             match Caller::user(Door::Socket, cred.uid(), cred.gid(), pid, &app) {
                 Ok(c) => Some(c.with_admin(service.is_admin(cred.uid(), cred.gid()))),
                 Err(e) => {
-                    let _ = out.send(ServerFrame::Error { id: None, error: e });
+                    let _ = out.tx.try_send(ServerFrame::Error { id: None, error: e });
                     None
                 }
             }
@@ -202,7 +247,7 @@ async fn connection(service: Service, stream: UnixStream) -> io::Result<()> {
         let _ = writer.await;
         return Ok(());
     };
-    let _ = out.send(ServerFrame::Welcome {
+    let _ = out.tx.try_send(ServerFrame::Welcome {
         protocol: PROTOCOL_VERSION,
         server: env!("CARGO_PKG_VERSION").into(),
         model: service.model_info().id,
@@ -214,19 +259,36 @@ async fn connection(service: Service, stream: UnixStream) -> io::Result<()> {
     let prompts: Arc<Mutex<HashMap<u64, u64>>> = Arc::default();
     let mut tasks = tokio::task::JoinSet::new();
     loop {
-        let body = match read_frame(&mut rd).await {
+        let read = tokio::select! {
+            r = read_frame(&mut rd) => r,
+            // A reply waited too long on this client: close (a half-read frame is dropped).
+            _ = out.stalled.notified() => break,
+        };
+        let body = match read {
             Ok(Some(b)) => b,
             Ok(None) => break,
             Err(e) => {
                 // The stream is out of step (or too large a frame): say why and close.
-                fatal(&out, ErrorCode::InvalidRequest, e.to_string());
+                let _ = out
+                    .send(ServerFrame::Error {
+                        id: None,
+                        error: ApiError::invalid(e.to_string()),
+                    })
+                    .await;
                 break;
             }
         };
         let (id, request) = match frame::decode::<ClientFrame>(&body) {
             Ok(ClientFrame::Request { id, request }) => (id, request),
             Ok(ClientFrame::Hello { .. }) => {
-                fatal(&out, ErrorCode::InvalidRequest, "hello sent twice".into());
+                let error = ApiError::invalid("hello sent twice");
+                if out
+                    .send(ServerFrame::Error { id: None, error })
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
                 continue;
             }
             Err(e) => {
@@ -234,22 +296,26 @@ async fn connection(service: Service, stream: UnixStream) -> io::Result<()> {
                 let id = serde_json::from_slice::<serde_json::Value>(&body)
                     .ok()
                     .and_then(|v| v.get("id").and_then(|i| i.as_u64()));
-                let _ = out.send(ServerFrame::Error {
-                    id,
-                    error: ApiError::invalid(e.to_string()),
-                });
+                let error = ApiError::invalid(e.to_string());
+                if out.send(ServerFrame::Error { id, error }).await.is_err() {
+                    break;
+                }
                 continue;
             }
         };
         while tasks.try_join_next().is_some() {}
         if tasks.len() >= MAX_IN_FLIGHT {
-            let _ = out.send(ServerFrame::Error {
+            let error = ApiError::busy(
+                100,
+                format!("{MAX_IN_FLIGHT} requests already in flight on this connection"),
+            );
+            let f = ServerFrame::Error {
                 id: Some(id),
-                error: ApiError::busy(
-                    100,
-                    format!("{MAX_IN_FLIGHT} requests already in flight on this connection"),
-                ),
-            });
+                error,
+            };
+            if out.send(f).await.is_err() {
+                break;
+            }
             continue;
         }
         let (service, caller, out, prompts) = (
@@ -268,13 +334,19 @@ async fn connection(service: Service, stream: UnixStream) -> io::Result<()> {
                     error,
                 },
             };
-            let _ = out.send(f);
+            let _ = out.send(f).await;
         });
     }
-    // The client is gone: dropping the tasks drops their prompt streams, which cancels them.
+    // The client is gone (or given up on): dropping the tasks drops their prompt streams,
+    // which cancels them.
     tasks.abort_all();
-    drop(out);
-    let _ = writer.await;
+    if out.given_up.load(Ordering::Relaxed) {
+        // The writer is stuck on a client that does not read.
+        writer.abort();
+    } else {
+        drop(out);
+        let _ = writer.await;
+    }
     Ok(())
 }
 
@@ -348,13 +420,11 @@ async fn handle(
             while let Some(item) = stream.next().await {
                 match item {
                     StreamItem::Token(t) => {
-                        if out
-                            .send(ServerFrame::Event {
-                                id,
-                                event: Event::Token(t),
-                            })
-                            .is_err()
-                        {
+                        let f = ServerFrame::Event {
+                            id,
+                            event: Event::Token(t),
+                        };
+                        if out.send(f).await.is_err() {
                             break;
                         }
                     }

@@ -4,6 +4,7 @@
 
 pub mod bus;
 pub mod http;
+pub mod probe;
 
 use std::path::PathBuf;
 use std::process::Command;

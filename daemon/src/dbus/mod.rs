@@ -6,6 +6,13 @@
 //! apps (the same scoping as the socket door). Generation streams as signals sent only to the
 //! caller: `Chat`/`Complete` reply with a request id, then `Token` signals follow, then one
 //! `Completed` or `Failed`. When a caller leaves the bus its running requests are cancelled.
+//!
+//! Signals are fire and forget: llmsd writes them to the bus as fast as tokens come, and the
+//! bus reads them at once, so a caller that never reads costs llmsd no memory. The bus queues
+//! what the caller has not read up to its `max_outgoing_bytes` limit (127 MiB on the system
+//! bus by default, 1 GB on the session bus) and beyond it drops the signals ("Rejected:
+//! destination has a full message queue" in the bus's log): such a caller loses tokens, and
+//! maybe its `Completed`, while its call runs to its end (or until it leaves the bus).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

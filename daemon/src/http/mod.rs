@@ -110,6 +110,11 @@ pub fn router(service: Service, opts: HttpOptions) -> Router {
 /// (hyper's header timeout), and the body after it. Slow-loris clients are cut off after it.
 pub const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Each HTTP connection's kernel send buffer. Fixed rather than autotuned (up to megabytes):
+/// a client that stops reading a stream then stalls it after about this much, so the
+/// slow-client timeout cancels the call; ample for streams of tokens.
+const SEND_BUFFER_BYTES: usize = 64 << 10;
+
 /// Serves the door on `listener` until `shutdown` resolves (then finishes open requests).
 ///
 /// Connections are served with hyper directly rather than `axum::serve`, which sets no header
@@ -144,6 +149,13 @@ pub async fn serve(
         };
         // Streamed tokens go out as they come.
         let _ = stream.set_nodelay(true);
+        if let Err(e) = nix::sys::socket::setsockopt(
+            &stream,
+            nix::sys::socket::sockopt::SndBuf,
+            &SEND_BUFFER_BYTES,
+        ) {
+            tracing::debug!(error = %e, "cannot size an HTTP connection's send buffer");
+        }
         let svc = hyper_util::service::TowerToHyperService::new(app.clone());
         let conn = http1.serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
         let conn = graceful.watch(conn);

@@ -3,6 +3,11 @@
 //! `data: [DONE]\n\n`. A failure after the stream started is one `data: {"error":...}` event
 //! and no `[DONE]`. When the client goes away the body is dropped, and with it the
 //! [`PromptStream`], which cancels the request.
+//!
+//! Nothing here buffers beyond the next item: the body is pulled as the connection can take
+//! it (hyper polls it only when its write buffer has room, and the connection's kernel send
+//! buffer is fixed, see `SEND_BUFFER_BYTES`), so a client that stops reading stalls its
+//! stream, and the engine cancels the call after the slow-client timeout.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;

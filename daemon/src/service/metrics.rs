@@ -37,6 +37,8 @@ pub struct Metrics {
     pub memory_pressure: AtomicU64,
     /// Where pressure is read from: one of [`PRESSURE_SOURCES`], by index.
     pub pressure_source: AtomicU64,
+    /// Prompts cancelled because their client did not read their stream.
+    pub slow_client_cancels_total: AtomicU64,
     errors: [AtomicU64; ErrorCode::ALL.len()],
 }
 
@@ -64,6 +66,7 @@ impl Metrics {
             memory_budget_bytes: AtomicU64::new(0),
             memory_pressure: AtomicU64::new(0),
             pressure_source: AtomicU64::new(0),
+            slow_client_cancels_total: AtomicU64::new(0),
             errors: Default::default(),
         }
     }
@@ -205,6 +208,12 @@ impl Metrics {
             "gauge",
             "System memory pressure: 0 none, 1 moderate (KV budget halved), 2 severe (at its minimum).",
             &self.memory_pressure,
+        );
+        one(
+            "slow_client_cancels_total",
+            "counter",
+            "Prompts cancelled because their client did not read their stream in time.",
+            &self.slow_client_cancels_total,
         );
         let _ = writeln!(
             out,

@@ -18,7 +18,7 @@ pub mod transcript;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use llmsd_engine::chat::ChatTemplate;
 use llmsd_engine::model::Model;
@@ -61,6 +61,9 @@ pub struct ServiceConfig {
     pub admin: identity::AdminPolicy,
     /// Quota defaults per app and how energy is measured.
     pub quota: quota::QuotaConfig,
+    /// How long a streaming request may wait on a client that does not read before it is
+    /// cancelled (its context left as before the request).
+    pub slow_client_timeout: Duration,
 }
 
 impl Default for ServiceConfig {
@@ -76,9 +79,13 @@ impl Default for ServiceConfig {
             max_prompt_bytes: 1 << 20,
             admin: identity::AdminPolicy::default(),
             quota: quota::QuotaConfig::default(),
+            slow_client_timeout: DEFAULT_SLOW_CLIENT_TIMEOUT,
         }
     }
 }
+
+/// [`ServiceConfig::slow_client_timeout`] by default.
+pub const DEFAULT_SLOW_CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a running prompt sends back.
 #[derive(Clone, Debug, PartialEq)]
@@ -89,9 +96,11 @@ pub enum StreamItem {
 }
 
 /// The receiving end of one prompt. Dropping it cancels the prompt (the caller is gone).
+/// It holds at most [`scheduler::STREAM_CAPACITY`] items: the engine does not run a request
+/// whose consumer is that far behind.
 pub struct PromptStream {
     pub request: u64,
-    rx: tmpsc::UnboundedReceiver<StreamItem>,
+    rx: tmpsc::Receiver<StreamItem>,
     cancel: Arc<AtomicBool>,
 }
 
@@ -255,6 +264,11 @@ impl Service {
 
     pub fn metrics(&self) -> &Metrics {
         &self.inner.metrics
+    }
+
+    /// How long a door may wait to hand a client its data before giving up on the client.
+    pub fn slow_client_timeout(&self) -> Duration {
+        self.inner.cfg.slow_client_timeout
     }
 
     /// Whether a local caller (by its uid and primary gid) may use admin verbs.
@@ -441,7 +455,7 @@ impl Service {
             .inspect_err(|e| m.note_error(e.code))?;
         let id = self.inner.next_request.fetch_add(1, Ordering::Relaxed);
         let cancel = Arc::new(AtomicBool::new(false));
-        let (events, rx) = tmpsc::unbounded_channel();
+        let (events, rx) = tmpsc::channel(scheduler::STREAM_CAPACITY);
         if let Ok(mut r) = self.inner.requests.lock() {
             r.insert(
                 id,

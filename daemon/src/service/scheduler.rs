@@ -31,6 +31,19 @@ use super::transcript::{Renderer, Transcript, TranscriptStore};
 use super::{api_error, ServiceConfig, StreamItem};
 use crate::kvstore::{KvStore, Session, SessionStep};
 
+/// Items one request's stream holds before the engine stops running the request: a client
+/// that does not read costs at most this much memory per request.
+pub const STREAM_CAPACITY: usize = 64;
+
+/// Room a request's stream must have for it to join a step: the step's token, the tail of
+/// text held back when it ends at the context limit, and its `Done`. Whatever a step left,
+/// a `Failed` (cancel, error) always fits.
+const STREAM_HEADROOM: usize = 3;
+
+/// How long the engine waits for commands when every running request is stalled on its
+/// client: short, so a client that reads again resumes at once.
+const STALL_POLL: Duration = Duration::from_millis(5);
+
 pub(crate) enum Op {
     Create {
         owner: String,
@@ -111,7 +124,7 @@ pub(crate) struct PromptJob {
     pub owner: String,
     pub priority: Priority,
     pub req: PromptRequest,
-    pub events: tmpsc::UnboundedSender<StreamItem>,
+    pub events: tmpsc::Sender<StreamItem>,
     pub cancel: Arc<AtomicBool>,
     pub enqueued: Instant,
     /// The app's place in its `max_concurrent`, held (never read) until the job is dropped.
@@ -122,6 +135,11 @@ pub(crate) struct PromptJob {
 impl PromptJob {
     fn cancelled(&self) -> bool {
         self.cancel.load(Ordering::Relaxed) || self.events.is_closed()
+    }
+
+    /// The client has not read enough of the stream for the request to run another step.
+    fn stalled(&self) -> bool {
+        self.events.capacity() < STREAM_HEADROOM
     }
 }
 
@@ -157,6 +175,8 @@ struct Running {
     ctx_limit: usize,
     /// Joules charged to this call so far.
     energy_j: f64,
+    /// Since when the request's client has been too far behind to run it.
+    stalled_since: Option<Instant>,
     /// Prompt positions and generated tokens already charged to the app's tokens window.
     charged_prefilled: usize,
     charged_generated: usize,
@@ -307,9 +327,16 @@ impl Scheduler {
                 break;
             }
             self.reap_cancelled();
+            self.reap_stalled();
             self.admit();
-            if !self.running.is_empty() {
-                self.step();
+            if !self.running.is_empty() && !self.step() {
+                // Every running request waits on its client: wait for a command instead of
+                // spinning, and look again soon.
+                match rx.recv_timeout(STALL_POLL) {
+                    Ok(c) => self.handle(c),
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
             }
         }
         self.stop_all();
@@ -602,7 +629,7 @@ impl Scheduler {
 
     fn fail_job(&self, job: &PromptJob, e: ApiError) {
         self.metrics.note_error(e.code);
-        let _ = job.events.send(StreamItem::Failed(e));
+        let _ = job.events.try_send(StreamItem::Failed(e));
         (self.forget)(job.request);
     }
 
@@ -632,6 +659,45 @@ impl Scheduler {
             } else {
                 i += 1;
             }
+        }
+        self.update_gauges();
+    }
+
+    /// Cancels running requests whose client has not read their stream for the slow-client
+    /// timeout: their contexts are left as before the call. The engine never waits on a
+    /// client; a stalled request only sits out steps until then.
+    fn reap_stalled(&mut self) {
+        let now = Instant::now();
+        let timeout = self.cfg.slow_client_timeout;
+        let mut i = 0;
+        while i < self.running.len() {
+            let r = &mut self.running[i];
+            if !r.job.stalled() {
+                r.stalled_since = None;
+                i += 1;
+                continue;
+            }
+            let since = *r.stalled_since.get_or_insert(now);
+            if now - since < timeout {
+                i += 1;
+                continue;
+            }
+            let r = self.running.swap_remove(i);
+            tracing::warn!(
+                owner = r.job.owner,
+                request = r.job.request,
+                timeout_ms = timeout.as_millis() as u64,
+                "cancelling a request whose client does not read its stream"
+            );
+            Metrics::add(&self.metrics.slow_client_cancels_total, 1);
+            let e = ApiError::new(
+                ErrorCode::Cancelled,
+                format!(
+                    "cancelled: the client did not read its stream for {} ms",
+                    timeout.as_millis()
+                ),
+            );
+            self.abort(r, e);
         }
         self.update_gauges();
     }
@@ -850,14 +916,16 @@ impl Scheduler {
             first_token: None,
             ctx_limit: max_ctx,
             energy_j: 0.0,
+            stalled_since: None,
             charged_prefilled: cached,
             charged_generated: 0,
             job,
         })
     }
 
-    /// One batched forward pass and what follows from it.
-    fn step(&mut self) {
+    /// One batched forward pass and what follows from it; false when no request could run
+    /// (all stalled on their clients).
+    fn step(&mut self) -> bool {
         let t0 = Instant::now();
         let e0 = self.meter.read();
         let n = self.running.len();
@@ -866,11 +934,12 @@ impl Scheduler {
             .running
             .iter()
             .any(|r| prefilling(r) && r.job.priority > Priority::Background);
-        // Decoders: everyone past the prompt; background work yields to others' prompts.
+        // Decoders: everyone past the prompt whose client keeps up; background work yields to
+        // others' prompts.
         let mut plan: Vec<(usize, Vec<u32>, Logits)> = Vec::new();
         for (i, r) in self.running.iter().enumerate() {
             if let Phase::Decode { next } = r.phase {
-                if r.job.priority == Priority::Background && fg_prefill {
+                if r.job.stalled() || (r.job.priority == Priority::Background && fg_prefill) {
                     continue;
                 }
                 plan.push((i, vec![next], Logits::Last));
@@ -890,7 +959,10 @@ impl Scheduler {
         let mut taken: HashSet<usize> = HashSet::new();
         while budget > 0 {
             let candidates: Vec<usize> = (0..n)
-                .filter(|&i| prefilling(&self.running[i]) && !taken.contains(&i))
+                .filter(|&i| {
+                    let r = &self.running[i];
+                    prefilling(r) && !r.job.stalled() && !taken.contains(&i)
+                })
                 .collect();
             let Some(top) = candidates
                 .iter()
@@ -938,7 +1010,7 @@ impl Scheduler {
             budget -= k;
         }
         if plan.is_empty() {
-            return;
+            return false;
         }
         // Check the sessions out of their requests for the batched call.
         let mut sessions: Vec<Session> = Vec::with_capacity(plan.len());
@@ -948,7 +1020,7 @@ impl Scheduler {
                 None => {
                     // Cannot happen: every running request holds its session.
                     tracing::error!("running request without a session");
-                    return;
+                    return true;
                 }
             }
         }
@@ -986,7 +1058,7 @@ impl Scheduler {
                     self.abort(r, e.clone());
                 }
                 self.update_gauges();
-                return;
+                return true;
             }
         };
         let vocab = self.store.model().config.vocab_size;
@@ -1054,6 +1126,7 @@ impl Scheduler {
             self.finish(r, reason);
         }
         self.update_gauges();
+        true
     }
 
     /// Samples from one request's logits row; returns how it ended, if it did.
@@ -1076,7 +1149,7 @@ impl Scheduler {
         };
         if let Some(ev) = event {
             if r.job.req.stream {
-                let _ = r.job.events.send(StreamItem::Token(ev));
+                let _ = r.job.events.try_send(StreamItem::Token(ev));
             }
         }
         if reason.is_some() {
@@ -1087,12 +1160,15 @@ impl Scheduler {
         if len + 1 > max_ctx {
             let tail = r.gen.finish_early();
             if !tail.is_empty() && r.job.req.stream {
-                let _ = r.job.events.send(StreamItem::Token(llmsd_ipc::TokenEvent {
-                    index: r.gen.generated.len() as u32,
-                    token_id: tok.eos_id().unwrap_or(0),
-                    text: tail,
-                    logprob: None,
-                }));
+                let _ = r
+                    .job
+                    .events
+                    .try_send(StreamItem::Token(llmsd_ipc::TokenEvent {
+                        index: r.gen.generated.len() as u32,
+                        token_id: tok.eos_id().unwrap_or(0),
+                        text: tail,
+                        logprob: None,
+                    }));
             }
             return Some(FinishReason::Length);
         }
@@ -1181,10 +1257,10 @@ impl Scheduler {
         let events = r.job.events.clone();
         let done = StreamItem::Done(Box::new(completion));
         if r.ephemeral {
-            let _ = events.send(done);
+            let _ = events.try_send(done);
         } else {
             self.reply_when_written(Box::new(move || {
-                let _ = events.send(done);
+                let _ = events.try_send(done);
             }));
         }
         (self.forget)(r.job.request);

@@ -259,3 +259,81 @@ fn only_admins_set_quotas_and_others_see_only_their_app() {
         );
     });
 }
+
+#[test]
+fn a_stream_nobody_reads_is_held_to_its_capacity_then_cancelled() {
+    let dir = tempfile::tempdir().unwrap();
+    let timeout = Duration::from_millis(1500);
+    let svc = start(
+        dir.path(),
+        ServiceConfig {
+            slow_client_timeout: timeout,
+            ..ServiceConfig::default()
+        },
+    );
+    let cancels = || {
+        svc.metrics()
+            .slow_client_cancels_total
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    rt().block_on(async {
+        let c = caller("deaf");
+        let ctx = svc
+            .create_context(&c, CreateContext::default())
+            .await
+            .unwrap();
+        let mut req = text("Once upon a time", 400);
+        req.context = Some(ctx.id.clone());
+        let mut unread = svc.prompt(&c, req).unwrap();
+        // It runs until its stream is full, less the room its end needs.
+        let held = scheduler::STREAM_CAPACITY - 2;
+        let t0 = std::time::Instant::now();
+        while unread.rx.len() < held {
+            assert!(
+                t0.elapsed() < Duration::from_secs(120),
+                "the stream never filled"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let full = std::time::Instant::now();
+        // Another app is served meanwhile.
+        let done = svc
+            .prompt(&caller("reader"), text("Go", 24))
+            .unwrap()
+            .completion()
+            .await
+            .unwrap();
+        assert_eq!(done.usage.completion_tokens, 24);
+        assert_eq!(unread.rx.len(), held, "the engine ran a stalled request");
+        while cancels() == 0 {
+            assert!(
+                full.elapsed() < timeout * 10,
+                "the stalled request was not cancelled"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(full.elapsed() >= timeout - Duration::from_millis(100));
+        let mut tokens = 0;
+        let end = loop {
+            match unread.next().await {
+                Some(StreamItem::Token(_)) => tokens += 1,
+                Some(other) => break other,
+                None => panic!("stream ended without a result"),
+            }
+        };
+        assert_eq!(
+            tokens, held,
+            "tokens delivered to a client that did not read"
+        );
+        match end {
+            StreamItem::Failed(e) => {
+                assert_eq!(e.code, ErrorCode::Cancelled, "{e:?}");
+                assert!(e.message.contains("did not read"), "{e:?}");
+            }
+            other => panic!("not cancelled: {other:?}"),
+        }
+        assert_eq!(cancels(), 1);
+        // The context is as before the call.
+        assert_eq!(svc.get_context(&c, &ctx.id).await.unwrap().tokens, 0);
+    });
+}
