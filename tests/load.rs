@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::bus::PrivateBus;
+use common::http::{metrics, sample};
 use common::probe::*;
 use common::*;
 use futures_util::StreamExt;

@@ -19,6 +19,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::bus::PrivateBus;
+use common::http::{metrics, sample};
 use common::*;
 use llmsd::dbus::client::Llm1ClientProxy;
 use llmsd_client::{
@@ -106,20 +107,6 @@ fn http(
     body: &Value,
 ) -> (u16, String, Value) {
     common::http::http(addr, method, path, key, Some(body))
-}
-
-/// Prometheus text from `/metrics`.
-fn metrics(addr: &str) -> String {
-    common::http::request(addr, "GET", "/metrics", None, b"").body
-}
-
-/// The value of one sample (`name` with its labels, as printed).
-fn sample(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no sample {name} in\n{text}"))
-        .parse()
-        .expect("a number")
 }
 
 /// A refusal as a test sees it on any door.

@@ -14,6 +14,7 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use common::http::{metrics, sample};
 use common::probe::*;
 use common::*;
 use llmsd_client::{Client, PromptInput, PromptRequest};

@@ -91,3 +91,17 @@ pub fn http(
     let v = r.json();
     (r.status, r.head, v)
 }
+
+/// Prometheus text from `/metrics`.
+pub fn metrics(addr: &str) -> String {
+    request(addr, "GET", "/metrics", None, b"").body
+}
+
+/// The value of one sample (`name` with its labels, as printed).
+pub fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no sample {name} in\n{text}"))
+        .parse()
+        .expect("a number")
+}

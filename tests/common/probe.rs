@@ -1,7 +1,6 @@
 //! Looking at a running daemon from outside: its resident memory, its Prometheus metrics, and
 //! plain HTTP/1.1 requests to its HTTP door.
 
-use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -71,21 +70,14 @@ impl Drop for RssSampler {
     }
 }
 
-/// Writes one HTTP/1.1 request (`Connection: close`) on `s`.
+/// Writes one HTTP/1.1 request (`Connection: close`) on `s`; a `Null` body is none.
 pub fn send_http(s: &mut TcpStream, method: &str, path: &str, key: Option<&str>, body: &Value) {
     let body = if body.is_null() {
         String::new()
     } else {
         body.to_string()
     };
-    let auth = key.map_or(String::new(), |k| format!("Authorization: Bearer {k}\r\n"));
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: llmsd\r\nConnection: close\r\n{auth}\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("send the request");
+    super::http::send(s, method, path, key, body.as_bytes());
 }
 
 /// One HTTP/1.1 request over a fresh connection; (status, JSON body). Not for streams.
@@ -96,45 +88,9 @@ pub fn http_json(
     key: Option<&str>,
     body: &Value,
 ) -> (u16, Value) {
-    let mut s = TcpStream::connect(addr).expect("connect to the HTTP door");
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    send_http(&mut s, method, path, key, body);
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).expect("read the response");
-    let (head, body) = raw.split_once("\r\n\r\n").expect("a header block");
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("a status line");
-    let v = if body.trim().is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
-    };
+    let (status, _, v) =
+        super::http::http(addr, method, path, key, (!body.is_null()).then_some(body));
     (status, v)
-}
-
-/// Prometheus text from `/metrics`.
-pub fn metrics(addr: &str) -> String {
-    let mut s = TcpStream::connect(addr).expect("connect to the HTTP door");
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    send_http(&mut s, "GET", "/metrics", None, &Value::Null);
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).expect("read /metrics");
-    raw.split_once("\r\n\r\n")
-        .expect("a header block")
-        .1
-        .to_string()
-}
-
-/// The value of one sample (`name` with its labels, as printed).
-pub fn sample(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no sample {name} in\n{text}"))
-        .parse()
-        .expect("a number")
 }
 
 /// Sets a socket's receive buffer (before it fills: what a client that never reads holds).
