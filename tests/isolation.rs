@@ -1046,6 +1046,16 @@ fn http_refuses_non_loopback_addresses_unless_allowed_and_keyed() {
     );
     let (st, v, _) = http(&local, "GET", "/v1/models", Some(KEY_B), &[], None);
     assert_eq!(st, 200, "{v}");
+    // /metrics names every app: on a remote door it needs a key too.
+    let (st, v, _) = http(&local, "GET", "/metrics", None, &[], None);
+    assert_eq!(
+        (st, &v["error"]["code"]),
+        (401, &json!("missing_api_key")),
+        "{v}"
+    );
+    let (st, _, text) = http(&local, "GET", "/metrics", Some(KEY_B), &[], None);
+    assert_eq!(st, 200, "{text}");
+    assert!(text.contains("llmsd_requests_running"), "{text}");
     assert_no_panic(&d);
 }
 

@@ -259,6 +259,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
                     max_body_bytes: file
                         .http_max_body_bytes
                         .unwrap_or(HttpOptions::default().max_body_bytes),
+                    // `serve` turns it on for a non-loopback address.
+                    keyed_metrics: false,
                 };
                 Some(tokio::spawn(llmsd::http::serve(
                     service.clone(),

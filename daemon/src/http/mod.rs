@@ -55,6 +55,9 @@ pub struct HttpOptions {
     pub allow_anonymous: bool,
     /// Largest request body; larger ones get 413.
     pub max_body_bytes: usize,
+    /// `/metrics` (every app's name and usage) needs a valid key, as on a door reachable
+    /// from other machines (set by [`serve`] for non-loopback addresses).
+    pub keyed_metrics: bool,
 }
 
 impl Default for HttpOptions {
@@ -63,6 +66,7 @@ impl Default for HttpOptions {
             api_keys: HashMap::new(),
             allow_anonymous: true,
             max_body_bytes: 1 << 20,
+            keyed_metrics: false,
         }
     }
 }
@@ -73,6 +77,7 @@ pub struct AppState {
     service: Service,
     keys: Arc<Keys>,
     max_body_bytes: usize,
+    keyed_metrics: bool,
     started_unix: u64,
 }
 
@@ -88,6 +93,7 @@ pub fn router(service: Service, opts: HttpOptions) -> Router {
         service,
         keys: Arc::new(Keys::new(&opts)),
         max_body_bytes: opts.max_body_bytes,
+        keyed_metrics: opts.keyed_metrics,
         started_unix: unix_now(),
     };
     Router::new()
@@ -127,6 +133,10 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "HTTP door listening");
+    let opts = HttpOptions {
+        keyed_metrics: opts.keyed_metrics || !addr.ip().is_loopback(),
+        ..opts
+    };
     let app = router(service, opts);
     let mut http1 = hyper::server::conn::http1::Builder::new();
     http1
@@ -186,7 +196,12 @@ async fn health(State(st): State<AppState>) -> Json<llmsd_ipc::Health> {
     Json(st.service.health())
 }
 
-async fn metrics(State(st): State<AppState>) -> Response {
+async fn metrics(State(st): State<AppState>, headers: HeaderMap) -> Response {
+    if st.keyed_metrics {
+        if let Err(e) = st.keys.identify(&headers) {
+            return e.into_response();
+        }
+    }
     (
         [(
             header::CONTENT_TYPE,
