@@ -98,6 +98,8 @@ put("tokenizer", "gpl-head", gpl[:2000])
 put("tokenizer", "unicode", "naïve café — 東京 🙂 \u200b\u0301 \r\n\t  x")
 put("tokenizer", "specials", "<|im_start|>user\n<|im_end|><|endoftext|><s></s>")
 put("tokenizer", "invalid-utf8", b"\xff\xfe\xc3\x28 \xe2\x82 abc \x00\x01")
+# Control bytes SmolLM2 has no byte token for (0x1D here): dropped, as llama.cpp does.
+put("tokenizer", "unwritable-control-bytes", b'\x92\x9e<Kve caf\xc3\xb2 \xe2\x80\x94 \xe6\x9d\x9f\x10E\xdfNS\x1bf\x7f\xe0\x1d\x7f{\xcc\x81 \n\t  x')
 put("tokenizer", "spaces", " " * 300 + "\n" * 50 + "a" * 500)
 put("tokenizer", "digits", "1234567890" * 30 + " 3.14159 1e-9 0x1F")
 

@@ -967,7 +967,21 @@ fn sixty_four_clients_on_three_doors_within_budget_and_documented_errors() {
     let elapsed = t0.elapsed();
     let (rss_peak, rss_samples) = rss.finish();
     let after = probe_answer(&d);
-    let text = metrics(&http);
+    // Calls whose clients vanished (an HTTP connection closed at the first token) end when
+    // the engine next notices; give it a moment, then nothing may run or wait.
+    let drained = Instant::now();
+    let mut text = metrics(&http);
+    while (sample(&text, "llmsd_requests_running") > 0.0
+        || sample(&text, "llmsd_requests_queued") > 0.0)
+        && drained.elapsed() < Duration::from_secs(20)
+    {
+        std::thread::sleep(Duration::from_millis(100));
+        text = metrics(&http);
+    }
+    println!(
+        "the daemon was idle {:?} after the last call",
+        drained.elapsed()
+    );
     let log = d.log_text();
 
     let tally = tally.lock().unwrap();

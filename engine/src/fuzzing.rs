@@ -52,7 +52,8 @@ pub fn chat_template(data: &[u8]) {
 }
 
 /// Arbitrary text through a real tokenizer: ids are in range and decode back to the text
-/// (byte-level BPE is lossless); arbitrary ids decode without panicking.
+/// (byte-level BPE is lossless but for the bytes the vocabulary has no token for, which it
+/// drops as llama.cpp does); arbitrary ids decode without panicking.
 pub fn tokenizer(tok: &Tokenizer, data: &[u8], lossless: bool) {
     let text = String::from_utf8_lossy(data);
     for special in [false, true] {
@@ -63,11 +64,8 @@ pub fn tokenizer(tok: &Tokenizer, data: &[u8], lossless: bool) {
             "id out of range"
         );
         if lossless && !special {
-            assert_eq!(
-                tok.decode(&ids),
-                text.as_bytes(),
-                "round trip changed the text"
-            );
+            let writable: Vec<u8> = text.bytes().filter(|&b| tok.has_byte_token(b)).collect();
+            assert_eq!(tok.decode(&ids), writable, "round trip changed the text");
         }
     }
     let ids: Vec<u32> = data

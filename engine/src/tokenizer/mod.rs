@@ -647,6 +647,14 @@ impl Tokenizer {
         self.token_to_id.get(text).copied()
     }
 
+    /// Whether byte-level BPE can write byte `b` at all: its one-byte token is in the
+    /// vocabulary. SmolLM2's lacks a few (0x04, 0x06, 0x13, 0x14, 0x16, 0x1D and bytes no
+    /// UTF-8 text holds); encoding drops such bytes, as llama.cpp does.
+    pub fn has_byte_token(&self, b: u8) -> bool {
+        let c = unicode::byte_to_char_table()[b as usize];
+        self.token_id(c.encode_utf8(&mut [0; 4])).is_some()
+    }
+
     /// The vocabulary text of `id` (byte-level BPE texts are in GPT-2's byte encoding).
     pub fn token_text(&self, id: u32) -> Option<&str> {
         self.tokens.get(id as usize).map(String::as_str)
