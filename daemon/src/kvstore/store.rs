@@ -167,6 +167,9 @@ pub enum StoreError {
     NotFound(String),
     #[error("{0}")]
     ContextWindowExceeded(String),
+    /// The context fits the budget, but contexts in use hold it now: try again when one ends.
+    #[error("{0}")]
+    NoRoomNow(String),
     #[error("{0}")]
     InvalidRequest(String),
     #[error(transparent)]
@@ -1094,6 +1097,13 @@ impl KvStore {
         need + staged as u64 * staged_bytes(self.shape) as u64
     }
 
+    /// KV bytes a call on the context that may add `extra` tokens needs resident (what
+    /// [`Self::open_session`] holds against the budget).
+    pub fn call_need(&self, app: &str, id: &str, extra: usize) -> Result<u64> {
+        let (a, c) = self.lookup(app, id)?;
+        Ok(self.session_need(a, c, extra))
+    }
+
     /// Makes a context resident for a call that may add up to `reserve` tokens, evicting
     /// others as needed. The context stays pinned until [`Self::close_session`].
     pub fn open_session(&mut self, app: &str, id: &str, reserve: usize) -> Result<Session> {
@@ -1133,7 +1143,7 @@ impl KvStore {
             self.spare = None;
             self.pinned.remove(&(a, c));
             self.requeue_context(a, c);
-            return Err(StoreError::ContextWindowExceeded(format!(
+            return Err(StoreError::NoRoomNow(format!(
                 "no room in the KV budget for context {id}: other contexts in use hold it"
             )));
         }

@@ -454,6 +454,37 @@ fn a_lowered_budget_evicts_spares_calls_in_use_and_grows_back() {
     assert_eq!(store.budget(), 256 << 20);
 }
 
+/// A context that fits the budget alone finds no room while a call in use holds the rest:
+/// `NoRoomNow` (the scheduler waits for that call), not a refusal for good; once the call
+/// ends, it opens.
+#[test]
+fn no_room_now_while_a_call_in_use_holds_the_budget() {
+    let text = &fixture().text;
+    let dir = tempdir();
+    let mut cfg = config(dir.path(), Policy::Llms);
+    let f = fixture();
+    let mut store = KvStore::open(f.model.clone(), f.pool.clone(), cfg.clone()).unwrap();
+    let a = store.create_context("app", &text[..160]).unwrap();
+    let b = store.create_context("app", &text[200..360]).unwrap();
+    let one = store.info("app", &a).unwrap().resident_bytes;
+    let need = store.call_need("app", &b, 8).unwrap();
+    assert_eq!(need, store.call_need("app", &a, 8).unwrap());
+    store.flush();
+    drop(store);
+    // Room for one call and half a context more: not for a second call beside the first.
+    cfg.kv_budget_bytes = need + one / 2;
+    let mut store = KvStore::open(f.model.clone(), f.pool.clone(), cfg).unwrap();
+    let s = store.open_session("app", &a, 8).unwrap();
+    match store.open_session("app", &b, 8) {
+        Err(StoreError::NoRoomNow(m)) => assert!(m.contains("in use"), "{m}"),
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("two calls opened in room for one"),
+    }
+    store.close_session(s).unwrap();
+    let s = store.open_session("app", &b, 8).unwrap();
+    store.close_session(s).unwrap();
+}
+
 #[test]
 fn compact_evicts_everything_idle_and_keeps_it_readable() {
     let text = &fixture().text;

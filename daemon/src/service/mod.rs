@@ -579,6 +579,7 @@ pub fn api_error(e: StoreError) -> ApiError {
         StoreError::NotFound(id) => ApiError::not_found(id),
         StoreError::ContextWindowExceeded(m) => ApiError::new(ErrorCode::ContextWindowExceeded, m),
         StoreError::InvalidRequest(m) => ApiError::invalid(m),
+        StoreError::NoRoomNow(m) => ApiError::busy(1000, m),
         other => {
             tracing::error!(error = %other, "KV store failure");
             ApiError::internal(other.to_string())

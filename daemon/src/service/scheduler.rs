@@ -763,6 +763,15 @@ impl Scheduler {
                     self.prefill_drr.join(&r.job.owner);
                     self.running.push(r);
                 }
+                // The KV budget is held by running calls: wait for one to end (at the head
+                // of its app's queue) rather than refuse what will fit then.
+                Err((job, e)) if e.code == ErrorCode::Busy && !self.running.is_empty() => {
+                    self.waiting
+                        .entry(job.owner.clone())
+                        .or_default()
+                        .push_front(job);
+                    break;
+                }
                 Err((job, e)) => self.fail_job(&job, e),
             }
         }
