@@ -7,7 +7,7 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -255,17 +255,9 @@ fn http(
         body.len()
     )
     .unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let raw = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = raw.split_once("\r\n\r\n").expect("a header block");
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("a status line");
-    let v = serde_json::from_str(body).unwrap_or(Value::Null);
-    (status, v, body.to_string())
+    let r = common::http::read_reply(&mut s).expect("a response");
+    let v = serde_json::from_str(&r.body).unwrap_or(Value::Null);
+    (r.status, v, r.body)
 }
 
 /// Every byte outside `[A-Za-z0-9]` percent-encoded, for a URL path segment.
@@ -289,15 +281,7 @@ fn metric(text: &str, name: &str) -> u64 {
 }
 
 fn metrics_text(addr: &str) -> String {
-    let mut s = TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    raw.split_once("\r\n\r\n").unwrap().1.to_string()
+    common::http::metrics(addr)
 }
 
 /// What one user tries on another user's context over the socket, and the only answer
