@@ -184,11 +184,13 @@ pub(super) mod x86 {
         const W_BYTES: usize = 18;
         const A_BYTES: usize = 34;
         const DEPTH: usize = 8;
+        #[inline(always)]
         unsafe fn decode(p: *const u8, q: &mut [__m256i], s: &mut [[f32; 4]]) {
             q[0] = nibbles(p.add(2));
             let d = f16(p);
             s[0] = [d, d, 0.0, 0.0];
         }
+        #[inline(always)]
         unsafe fn act(p: *const u8, out: &mut [[f32; 4]]) {
             act_q8_0(p, -8.0, out);
         }
@@ -210,10 +212,12 @@ pub(super) mod x86 {
         const W_BYTES: usize = 20;
         const A_BYTES: usize = 36;
         const DEPTH: usize = 8;
+        #[inline(always)]
         unsafe fn decode(p: *const u8, q: &mut [__m256i], s: &mut [[f32; 4]]) {
             q[0] = nibbles(p.add(4));
             s[0] = [f16(p), f16(p.add(2)), 0.0, 0.0];
         }
+        #[inline(always)]
         unsafe fn act(p: *const u8, out: &mut [[f32; 4]]) {
             out[0] = [f16(p), f16(p.add(2)), 0.0, 0.0];
         }
@@ -234,6 +238,7 @@ pub(super) mod x86 {
         const W_BYTES: usize = 22;
         const A_BYTES: usize = 34;
         const DEPTH: usize = 4;
+        #[inline(always)]
         unsafe fn decode(p: *const u8, q: &mut [__m256i], s: &mut [[f32; 4]]) {
             let qh = u32::from_le(std::ptr::read_unaligned(p.add(2).cast::<u32>()));
             let hi = _mm256_and_si256(bytes_from_bits_32(qh), _mm256_set1_epi8(16));
@@ -241,6 +246,7 @@ pub(super) mod x86 {
             let d = f16(p);
             s[0] = [d, d, 0.0, 0.0];
         }
+        #[inline(always)]
         unsafe fn act(p: *const u8, out: &mut [[f32; 4]]) {
             act_q8_0(p, -16.0, out);
         }
@@ -282,10 +288,12 @@ pub(super) mod x86 {
         const SIGNED: bool = true;
         const DEPTH: usize = 1;
         const HAS_M: bool = false;
+        #[inline(always)]
         unsafe fn decode(p: *const u8, q: &mut [__m256i], s: &mut [[f32; 4]]) {
             q[0] = _mm256_loadu_si256(p.add(2).cast::<__m256i>());
             s[0] = [f16(p), 0.0, 0.0, 0.0];
         }
+        #[inline(always)]
         unsafe fn act(p: *const u8, out: &mut [[f32; 4]]) {
             act_q8_0(p, 0.0, out);
         }
@@ -342,6 +350,7 @@ pub(super) mod x86 {
         const W_BYTES: usize = 144;
         const A_BYTES: usize = Q8_K_BYTES;
         const DEPTH: usize = 8;
+        #[inline(always)]
         unsafe fn decode(p: *const u8, q: &mut [__m256i], s: &mut [[f32; 4]]) {
             k4_scales(p, s);
             let m4 = _mm256_set1_epi8(0x0F);
@@ -351,6 +360,7 @@ pub(super) mod x86 {
                 q[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(bits), m4);
             }
         }
+        #[inline(always)]
         unsafe fn act(p: *const u8, out: &mut [[f32; 4]]) {
             act_q8_k(p, false, out);
         }
@@ -365,6 +375,7 @@ pub(super) mod x86 {
         const W_BYTES: usize = 176;
         const A_BYTES: usize = Q8_K_BYTES;
         const DEPTH: usize = 4;
+        #[inline(always)]
         unsafe fn decode(p: *const u8, q: &mut [__m256i], s: &mut [[f32; 4]]) {
             k4_scales(p, s);
             let m4 = _mm256_set1_epi8(0x0F);
@@ -380,6 +391,7 @@ pub(super) mod x86 {
                     _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(bits), m4), h1);
             }
         }
+        #[inline(always)]
         unsafe fn act(p: *const u8, out: &mut [[f32; 4]]) {
             act_q8_k(p, false, out);
         }
@@ -395,6 +407,7 @@ pub(super) mod x86 {
         const A_BYTES: usize = Q8_K_BYTES;
         const DEPTH: usize = 2;
         const SPLIT: bool = true;
+        #[inline(always)]
         unsafe fn decode(p: *const u8, q: &mut [__m256i], s: &mut [[f32; 4]]) {
             let d = f16(p.add(208));
             let m4 = _mm256_set1_epi8(0x0F);
@@ -425,6 +438,7 @@ pub(super) mod x86 {
                 *e = [s0, -32.0 * s0, s1, -32.0 * s1];
             }
         }
+        #[inline(always)]
         unsafe fn act(p: *const u8, out: &mut [[f32; 4]]) {
             act_q8_k(p, true, out);
         }
