@@ -261,7 +261,10 @@ impl Model {
         for (il, lw) in w.layers.iter().enumerate() {
             // Attention block.
             s.xn.resize(n * d, 0.0);
-            ops::rms_norm_into(&mut s.xn, &s.x, &lw.attn_norm, cfg.rms_eps);
+            let x = &s.x;
+            ops::par_rows(pool, &mut s.xn, d, &|xn, r| {
+                ops::rms_norm_into(xn, &x[r.start * d..r.end * d], &lw.attn_norm, cfg.rms_eps)
+            });
             s.q.resize(n * q_dim, 0.0);
             s.k.resize(n * kv_dim, 0.0);
             s.v.resize(n * v_dim, 0.0);
@@ -286,10 +289,14 @@ impl Model {
                 ops::add_bias_rows(&mut s.v, b);
             }
             if let Some(qn) = &lw.q_norm {
-                ops::rms_norm_rows(&mut s.q, qn, cfg.rms_eps);
+                ops::par_rows(pool, &mut s.q, qn.len(), &|rows, _| {
+                    ops::rms_norm_rows(rows, qn, cfg.rms_eps)
+                });
             }
             if let Some(kn) = &lw.k_norm {
-                ops::rms_norm_rows(&mut s.k, kn, cfg.rms_eps);
+                ops::par_rows(pool, &mut s.k, kn.len(), &|rows, _| {
+                    ops::rms_norm_rows(rows, kn, cfg.rms_eps)
+                });
             }
             let sliding = cfg.is_sliding(il);
             let inv_freq = if sliding {
@@ -343,12 +350,20 @@ impl Model {
                 &mut s.proj,
             )?;
             if let Some(pn) = &lw.post_attn_norm {
-                ops::rms_norm_rows(&mut s.proj, pn, cfg.rms_eps);
+                ops::par_rows(pool, &mut s.proj, d, &|rows, _| {
+                    ops::rms_norm_rows(rows, pn, cfg.rms_eps)
+                });
             }
-            ops::add_in_place(&mut s.x, &s.proj);
+            let proj = &s.proj;
+            ops::par_rows(pool, &mut s.x, d, &|x, r| {
+                ops::add_in_place(x, &proj[r.start * d..r.end * d])
+            });
 
             // Feed-forward block.
-            ops::rms_norm_into(&mut s.xn, &s.x, &lw.ffn_norm, cfg.rms_eps);
+            let x = &s.x;
+            ops::par_rows(pool, &mut s.xn, d, &|xn, r| {
+                ops::rms_norm_into(xn, &x[r.start * d..r.end * d], &lw.ffn_norm, cfg.rms_eps)
+            });
             s.gate.resize(n * cfg.ffn_dim, 0.0);
             s.up.resize(n * cfg.ffn_dim, 0.0);
             // Batched decode: the next layer's cache streams in while these (compute-bound)
@@ -372,14 +387,18 @@ impl Model {
                 &mut s.acts,
                 side,
             )?;
-            match cfg.activation {
-                Activation::SwiGlu => ops::swiglu(&mut s.gate, &s.up),
-                Activation::GeluTanhGlu => {
-                    for (g, &u) in s.gate.iter_mut().zip(&s.up) {
-                        *g = ops::gelu_tanh(*g) * u;
+            let (up, ff) = (&s.up, cfg.ffn_dim);
+            ops::par_rows(pool, &mut s.gate, ff, &|gate, r| {
+                let up = &up[r.start * ff..r.end * ff];
+                match cfg.activation {
+                    Activation::SwiGlu => ops::swiglu(gate, up),
+                    Activation::GeluTanhGlu => {
+                        for (g, &u) in gate.iter_mut().zip(up) {
+                            *g = ops::gelu_tanh(*g) * u;
+                        }
                     }
                 }
-            }
+            });
             ops::matmul(
                 pool,
                 &lw.ffn_down,
@@ -390,9 +409,14 @@ impl Model {
                 &mut s.proj,
             )?;
             if let Some(pn) = &lw.post_ffn_norm {
-                ops::rms_norm_rows(&mut s.proj, pn, cfg.rms_eps);
+                ops::par_rows(pool, &mut s.proj, d, &|rows, _| {
+                    ops::rms_norm_rows(rows, pn, cfg.rms_eps)
+                });
             }
-            ops::add_in_place(&mut s.x, &s.proj);
+            let proj = &s.proj;
+            ops::par_rows(pool, &mut s.x, d, &|x, r| {
+                ops::add_in_place(x, &proj[r.start * d..r.end * d])
+            });
         }
         for seq in batch.iter_mut() {
             let end = seq.start_pos + seq.tokens.len();

@@ -86,6 +86,42 @@ const ROW_BLOCK: usize = 512;
 /// Tokens per kernel call: a block of quantized activations stays in L2 across row blocks.
 const TOK_BLOCK: usize = 64;
 
+/// Rows below which a row-wise op runs on the calling thread alone: dispatching it to the pool
+/// costs more than it saves (decode, small batches).
+const PAR_ROWS: usize = 16;
+
+/// Runs `f(rows, range)` over the rows of `x` (each `width` wide; `range` = the rows' indices),
+/// split into one contiguous block per pool thread when there are enough rows. Row-wise ops
+/// give the same bits however the rows are split; run on the caller alone, they left the
+/// other threads idle between the products of a prefill.
+pub fn par_rows(
+    pool: &ThreadPool,
+    x: &mut [f32],
+    width: usize,
+    f: &(dyn Fn(&mut [f32], std::ops::Range<usize>) + Sync),
+) {
+    let n = x.len().checked_div(width).unwrap_or(0);
+    let parts = pool.n_threads().min(n);
+    if n < PAR_ROWS || parts <= 1 {
+        f(x, 0..n);
+        return;
+    }
+    let mut blocks = Vec::with_capacity(parts);
+    let mut rest = x;
+    for i in 0..parts {
+        let rows = crate::pool::split_range(n, parts, i);
+        let (block, tail) = rest.split_at_mut(rows.len() * width);
+        blocks.push(std::sync::Mutex::new((block, rows)));
+        rest = tail;
+    }
+    pool.run_tasks(parts, &|i, _| {
+        // Each block is taken by exactly one task: the lock is never contended.
+        let mut guard = blocks[i].lock().unwrap_or_else(|e| e.into_inner());
+        let (block, rows) = &mut *guard;
+        f(block, rows.clone());
+    });
+}
+
 /// `out[i] = x[i] / rms(x) * w[i]` for each row of `x` (width `w.len()`), in place.
 pub fn rms_norm_rows(x: &mut [f32], w: &[f32], eps: f32) {
     for row in x.chunks_exact_mut(w.len()) {
@@ -540,6 +576,37 @@ fn split_point_rows(n: usize, parts: usize, idx: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn par_rows_gives_every_row_to_one_call_and_the_same_bits_as_serial() {
+        let width = 24;
+        let w: Vec<f32> = (0..width).map(|i| 0.5 + i as f32 / 7.0).collect();
+        for threads in [1, 2, 3] {
+            let pool = ThreadPool::new(threads).unwrap();
+            for n in [0, 1, PAR_ROWS - 1, PAR_ROWS, 37, 512] {
+                let src: Vec<f32> = (0..n * width)
+                    .map(|i| ((i * 37) % 101) as f32 - 50.0)
+                    .collect();
+                let mut serial = vec![0.0; n * width];
+                rms_norm_into(&mut serial, &src, &w, 1e-5);
+                let mut par = vec![0.0; n * width];
+                let seen = std::sync::Mutex::new(vec![0u32; n]);
+                par_rows(&pool, &mut par, width, &|rows, r| {
+                    assert_eq!(rows.len(), r.len() * width);
+                    rms_norm_into(rows, &src[r.start * width..r.end * width], &w, 1e-5);
+                    for t in r {
+                        seen.lock().unwrap()[t] += 1;
+                    }
+                });
+                assert!(seen.into_inner().unwrap().iter().all(|&c| c == 1), "n={n}");
+                assert_eq!(
+                    serial.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    par.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "threads={threads} n={n}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn rms_norm_matches_definition() {
