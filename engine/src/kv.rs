@@ -38,6 +38,10 @@ pub struct AttnQuery<'a> {
     /// Query vectors of all heads (`n_heads * head_dim`), already scaled.
     pub q: &'a [f32],
     pub n_heads: usize,
+    /// Whether the cache should be fetched ahead as it is read: when one query reads it once
+    /// (decode). A prefill's queries read the same chunks over and over from the CPU caches,
+    /// where the hints only cost instructions.
+    pub prefetch: bool,
 }
 
 impl AttnQuery<'_> {
@@ -315,6 +319,7 @@ mod tests {
             heads: 0..2,
             q: &[2.0, 0.0, 2.0, 0.0],
             n_heads: 2,
+            prefetch: true,
         };
         kv.attend(&query, &mut out, &mut scratch);
         let e = 2f32.exp();
@@ -328,6 +333,7 @@ mod tests {
             heads: 0..1,
             q: &q,
             n_heads: 1,
+            prefetch: true,
             layer: 0,
         };
         kv.attend(&query, &mut out[..2], &mut scratch);
@@ -368,6 +374,7 @@ mod tests {
                 heads: 1..5,
                 q: &q,
                 n_heads,
+                prefetch: true,
             };
             let mut out = vec![0.0; 4 * 4];
             kv.attend(&query, &mut out, &mut Vec::new());
@@ -429,6 +436,7 @@ mod tests {
                 heads: heads.clone(),
                 q: &q,
                 n_heads: 9,
+                prefetch: true,
             };
             let mut a = vec![0.0; heads.len() * 64];
             let mut b = a.clone();

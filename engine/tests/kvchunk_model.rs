@@ -439,6 +439,7 @@ fn attend_speed() {
                 heads: 0..n_heads,
                 q: &q,
                 n_heads,
+                prefetch: true,
             };
             kv.attend(&query, out, sc);
         };

@@ -263,7 +263,10 @@ impl ChunkedKv {
 
             // Sealed chunks are separate allocations, each a fresh stream for the hardware
             // prefetchers: fetch the head block (keys and values) two chunks ahead.
-            let mut ahead = spans.clone().skip(PREFETCH_AHEAD);
+            let mut ahead = spans
+                .clone()
+                .skip(PREFETCH_AHEAD)
+                .filter(|_| query.prefetch);
             for (s, ts, i0) in spans.clone() {
                 #[cfg(target_arch = "x86_64")]
                 if let Some((sa, _, _)) = ahead.next() {

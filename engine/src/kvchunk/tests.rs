@@ -657,6 +657,7 @@ fn run(kv: &dyn KvCache, n_heads: usize, dv: usize, q: &Q) -> Vec<f32> {
         heads: heads.clone(),
         q: qv,
         n_heads,
+        prefetch: true,
     };
     let mut out = vec![f32::NAN; heads.len() * dv];
     kv.attend(&query, &mut out, &mut Vec::new());
@@ -730,6 +731,7 @@ fn mixed_slots_attend_like_contiguous() {
                 heads: heads.clone(),
                 q: qv,
                 n_heads,
+                prefetch: true,
             };
             let mut out = vec![0.0; heads.len() * s.v_head_dim];
             kv.attend_scalar(&query, &mut out, &mut Vec::new());
@@ -775,6 +777,7 @@ fn densities_sum_to_one_per_head() {
             heads,
             q: &q,
             n_heads: 9,
+            prefetch: true,
         };
         kv.attend(&query, &mut out, &mut Vec::new());
     };

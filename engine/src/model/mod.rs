@@ -483,6 +483,8 @@ impl Model {
                     heads: heads.clone(),
                     q: &q[t * q_dim..(t + 1) * q_dim],
                     n_heads: cfg.n_heads,
+                    // A sequence's lone decode token reads its cache once.
+                    prefetch: batch[seq].tokens.len() == 1,
                 };
                 let vhd = cfg.v_head_dim;
                 let span = t * att_dim + heads.start * vhd..t * att_dim + heads.end * vhd;
