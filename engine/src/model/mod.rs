@@ -392,11 +392,7 @@ impl Model {
                 let up = &up[r.start * ff..r.end * ff];
                 match cfg.activation {
                     Activation::SwiGlu => ops::swiglu(gate, up),
-                    Activation::GeluTanhGlu => {
-                        for (g, &u) in gate.iter_mut().zip(up) {
-                            *g = ops::gelu_tanh(*g) * u;
-                        }
-                    }
+                    Activation::GeluTanhGlu => ops::geglu(gate, up),
                 }
             });
             ops::matmul(
