@@ -2439,24 +2439,25 @@ impl KvStore {
         c: u64,
         target: &HashMap<(usize, u64), Precision>,
     ) -> Result<u64> {
-        let mut changed = 0;
+        /// What happens to one chunk of the context, in chunk order.
+        enum Step {
+            /// Already at its level: only its swap file, if it has none yet.
+            Keep(u64),
+            /// Re-quantized from its f16 master (job `k`).
+            Requantize(u64, Precision, usize),
+        }
         let ids: Vec<u64> = self.apps[a].contexts[&c].chunks.clone();
+        let mut steps = Vec::new();
+        let mut masters: Vec<(Arc<SealedChunk>, Precision)> = Vec::new();
         for id in ids {
             let Some(&want) = target.get(&(a, id)) else {
                 continue;
             };
-            let (cur, has_file, resident) = match self.apps[a].chunks.get(&id) {
-                Some(e) => (e.precision, e.file.is_some(), e.resident.clone()),
-                None => continue,
+            let Some(cur) = self.apps[a].chunks.get(&id).map(|e| e.precision) else {
+                continue;
             };
             if cur == want {
-                // A new chunk already at its level only needs its swap file.
-                if let (false, Some(r)) = (has_file, resident) {
-                    let f = self.queue_sealed(a, &r);
-                    if let Some(e) = self.apps[a].chunks.get_mut(&id) {
-                        e.file = Some(f);
-                    }
-                }
+                steps.push(Step::Keep(id));
                 continue;
             }
             // Always from the f16 master, never from the current lossy copy.
@@ -2464,36 +2465,79 @@ impl KvStore {
                 tracing::warn!("chunk without a readable f16 master keeps its precision");
                 continue;
             };
-            let q = Arc::new(SealedChunk::quantize(&master, want)?);
-            let f = self.queue_sealed(a, &q);
-            let was_resident = self.apps[a]
-                .chunks
-                .get(&id)
-                .is_some_and(|e| e.resident.is_some());
-            if let Some(e) = self.apps[a].chunks.get_mut(&id) {
-                e.file = Some(f);
-                e.precision = want;
+            steps.push(Step::Requantize(id, want, masters.len()));
+            masters.push((master, want));
+        }
+        // The quantizing is the costly part (about 1.5 ms a chunk): every pool thread takes
+        // chunks, so a call's close holds up the other apps' next tokens for less.
+        type Quantized = Option<Result<Arc<SealedChunk>>>;
+        let quantized: Vec<Mutex<Quantized>> = masters.iter().map(|_| Mutex::new(None)).collect();
+        self.pool.run_tasks(masters.len(), &|k, _| {
+            let (master, want) = &masters[k];
+            // A master that does not decode is skipped below, as a missing one is.
+            let q = master.dequantize().ok().map(|m| {
+                SealedChunk::quantize(&m, *want)
+                    .map(Arc::new)
+                    .map_err(StoreError::from)
+            });
+            *quantized[k].lock().unwrap_or_else(|e| e.into_inner()) = q;
+        });
+        let mut quantized: Vec<Quantized> = quantized
+            .into_iter()
+            .map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
+            .collect();
+        let mut changed = 0;
+        for step in steps {
+            match step {
+                Step::Keep(id) => {
+                    let (has_file, resident) = match self.apps[a].chunks.get(&id) {
+                        Some(e) => (e.file.is_some(), e.resident.clone()),
+                        None => continue,
+                    };
+                    // A new chunk already at its level only needs its swap file.
+                    if let (false, Some(r)) = (has_file, resident) {
+                        let f = self.queue_sealed(a, &r);
+                        if let Some(e) = self.apps[a].chunks.get_mut(&id) {
+                            e.file = Some(f);
+                        }
+                    }
+                }
+                Step::Requantize(id, want, k) => {
+                    let Some(q) = quantized.get_mut(k).and_then(Option::take) else {
+                        tracing::warn!("chunk without a readable f16 master keeps its precision");
+                        continue;
+                    };
+                    let q = q?;
+                    let f = self.queue_sealed(a, &q);
+                    let was_resident = self.apps[a]
+                        .chunks
+                        .get(&id)
+                        .is_some_and(|e| e.resident.is_some());
+                    if let Some(e) = self.apps[a].chunks.get_mut(&id) {
+                        e.file = Some(f);
+                        e.precision = want;
+                    }
+                    if was_resident {
+                        self.set_resident(a, id, q);
+                    }
+                    changed += 1;
+                }
             }
-            if was_resident {
-                self.set_resident(a, id, q);
-            }
-            changed += 1;
         }
         Ok(changed)
     }
 
-    /// A chunk's f16 master, from the segment being filled if it is there (sealed in this
-    /// call), else from disk.
-    fn read_master(&mut self, a: usize, id: u64) -> Option<StagedChunk> {
+    /// A chunk's f16 master: from the segment being built or written, else from its file.
+    fn read_master(&mut self, a: usize, id: u64) -> Option<Arc<SealedChunk>> {
         let f = self.apps[a].chunks.get(&id)?.master?;
         if let Some(seg) = self.apps[a].pending.as_ref().filter(|p| p.num == f.num) {
             return match seg.items.get(f.item as usize) {
-                Some(PendingItem::Sealed(ch)) => ch.dequantize().ok(),
+                Some(PendingItem::Sealed(ch)) => Some(Arc::clone(ch)),
                 _ => None,
             };
         }
         if let Some(ch) = self.unwritten_sealed(a, f) {
-            return ch.dequantize().ok();
+            return Some(ch);
         }
         self.wait_file(a, f.num);
         let file = self.open_file(a, f.num).ok()?;
@@ -2505,7 +2549,7 @@ impl KvStore {
         for (l, b) in file.read_item(item).ok()?.into_iter().enumerate() {
             chunk.set_layer(l, b).ok()?;
         }
-        chunk.dequantize().ok()
+        Some(Arc::new(chunk))
     }
 
     fn write_whole(&mut self, a: usize, c: u64) {
