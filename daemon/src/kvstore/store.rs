@@ -2444,7 +2444,7 @@ impl KvStore {
             /// Already at its level: only its swap file, if it has none yet.
             Keep(u64),
             /// Re-quantized from its f16 master (job `k`).
-            Requantize(u64, Precision, usize),
+            Requantize(u64, usize),
         }
         let ids: Vec<u64> = self.apps[a].contexts[&c].chunks.clone();
         let mut steps = Vec::new();
@@ -2465,7 +2465,7 @@ impl KvStore {
                 tracing::warn!("chunk without a readable f16 master keeps its precision");
                 continue;
             };
-            steps.push(Step::Requantize(id, want, masters.len()));
+            steps.push(Step::Requantize(id, masters.len()));
             masters.push((master, want));
         }
         // The quantizing is the costly part (about 1.5 ms a chunk): every pool thread takes
@@ -2502,7 +2502,7 @@ impl KvStore {
                         }
                     }
                 }
-                Step::Requantize(id, want, k) => {
+                Step::Requantize(id, k) => {
                     let Some(q) = quantized.get_mut(k).and_then(Option::take) else {
                         tracing::warn!("chunk without a readable f16 master keeps its precision");
                         continue;
@@ -2515,7 +2515,7 @@ impl KvStore {
                         .is_some_and(|e| e.resident.is_some());
                     if let Some(e) = self.apps[a].chunks.get_mut(&id) {
                         e.file = Some(f);
-                        e.precision = want;
+                        e.precision = q.precision();
                     }
                     if was_resident {
                         self.set_resident(a, id, q);

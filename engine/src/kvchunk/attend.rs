@@ -263,14 +263,12 @@ impl ChunkedKv {
 
             // Sealed chunks are separate allocations, each a fresh stream for the hardware
             // prefetchers: fetch the head block (keys and values) two chunks ahead.
-            let mut ahead = spans
-                .clone()
-                .skip(PREFETCH_AHEAD)
-                .filter(|_| query.prefetch);
+            let mut ahead = spans.clone().skip(PREFETCH_AHEAD);
             for (s, ts, i0) in spans.clone() {
                 #[cfg(target_arch = "x86_64")]
                 if let Some((sa, _, _)) = ahead.next() {
-                    if let (true, ChunkSlot::Sealed(se)) = (SIMD, &self.slots[sa]) {
+                    if let (true, ChunkSlot::Sealed(se)) = (SIMD && query.prefetch, &self.slots[sa])
+                    {
                         if let Some((_, block)) = self.block(se, layer, g) {
                             super::avx2::prefetch(block);
                         }
