@@ -127,5 +127,5 @@ fn write_swap_file_seed() {
     ];
     let dir = fuzz_seeds("swap_file");
     std::fs::create_dir_all(&dir).expect("seed dir");
-    write_segment(&dir.join("segment.kv"), 0x1234, &items, &mut |_| {}).expect("segment");
+    write_segment(&dir.join("segment.kv"), 0x1234, &items, &mut |_, _| {}).expect("segment");
 }

@@ -5,10 +5,74 @@
 //! when it next runs; [`IoThread::flush`] waits for everything queued so far, and
 //! [`IoThread::submitted`] / [`IoThread::completed`] let a caller wait without blocking.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// The longest the I/O thread stays held at one yield point, whatever the holders: durable
+/// writes hold replies back, so a hold must stay short.
+const MAX_HOLD: Duration = Duration::from_millis(20);
+
+/// Holds the I/O thread back while the engine needs every core for a moment (a restore read
+/// split across the pool). Without it the thread's writes keep a core, and on a 2-core machine
+/// the pool's second thread joins a 1 ms restore half a millisecond late: the scheduler lets
+/// a running thread finish its slice before a woken one gets the core.
+///
+/// The thread stops at its next yield point (before a job, between a segment's items) until
+/// every [`HoldGuard`] is dropped, or [`MAX_HOLD`] has passed.
+#[derive(Debug, Default)]
+pub struct IoHold {
+    held: AtomicBool,
+    holders: Mutex<usize>,
+    released: Condvar,
+}
+
+impl IoHold {
+    /// Holds the thread until the guard is dropped.
+    pub fn hold(self: &Arc<Self>) -> HoldGuard {
+        let mut n = self.holders.lock().unwrap_or_else(|e| e.into_inner());
+        *n += 1;
+        self.held.store(true, Ordering::Release);
+        HoldGuard(Arc::clone(self))
+    }
+
+    /// Waits while held (at most [`MAX_HOLD`]); returns at once otherwise.
+    pub fn yield_point(&self) {
+        if !self.held.load(Ordering::Acquire) {
+            return;
+        }
+        let deadline = Instant::now() + MAX_HOLD;
+        let mut n = self.holders.lock().unwrap_or_else(|e| e.into_inner());
+        while *n > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            n = self
+                .released
+                .wait_timeout(n, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+/// Releases an [`IoHold`] when dropped.
+#[derive(Debug)]
+pub struct HoldGuard(Arc<IoHold>);
+
+impl Drop for HoldGuard {
+    fn drop(&mut self) {
+        let mut n = self.0.holders.lock().unwrap_or_else(|e| e.into_inner());
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            self.0.held.store(false, Ordering::Release);
+            self.0.released.notify_all();
+        }
+    }
+}
 
 /// What a job reports: which write it was (the store's tag) and how it went.
 #[derive(Debug)]
@@ -31,6 +95,7 @@ pub struct IoThread {
     /// Jobs queued so far, and jobs finished (in order: every job up to it has run).
     submitted: AtomicU64,
     completed: Arc<AtomicU64>,
+    hold: Arc<IoHold>,
     handle: Option<JoinHandle<()>>,
 }
 
@@ -48,12 +113,15 @@ impl IoThread {
         let job_delay = delay;
         let completed = Arc::new(AtomicU64::new(0));
         let finished = Arc::clone(&completed);
+        let hold = Arc::new(IoHold::default());
+        let held = Arc::clone(&hold);
         let handle = std::thread::Builder::new()
             .name("llmsd-kv-io".into())
             .spawn(move || {
                 for msg in rx {
                     match msg {
                         Msg::Run(job) => {
+                            held.yield_point();
                             if let Some(d) = job_delay {
                                 std::thread::sleep(d);
                             }
@@ -77,6 +145,7 @@ impl IoThread {
             done,
             submitted: AtomicU64::new(0),
             completed,
+            hold,
             handle: Some(handle),
         })
     }
@@ -85,6 +154,12 @@ impl IoThread {
     /// a job writing several things may wait it again between them.
     pub fn fault_delay(&self) -> Option<std::time::Duration> {
         self.delay
+    }
+
+    /// The thread's hold: jobs call [`IoHold::yield_point`] between their parts, the engine
+    /// holds it around work that needs every core.
+    pub fn hold(&self) -> &Arc<IoHold> {
+        &self.hold
     }
 
     /// Queues a job; it reports a [`Done`] if it returns one.
@@ -179,5 +254,41 @@ mod tests {
             }
         }
         assert_eq!(*log.lock().unwrap(), 20);
+    }
+
+    #[test]
+    fn a_held_thread_waits_at_its_yield_point_until_released() {
+        let io = IoThread::start().unwrap();
+        let guard = io.hold().hold();
+        let held_at = Instant::now();
+        let passed = Arc::new(Mutex::new(None));
+        let (hold, seen) = (Arc::clone(io.hold()), Arc::clone(&passed));
+        io.submit(move || {
+            hold.yield_point();
+            *seen.lock().unwrap() = Some(Instant::now());
+            None
+        });
+        std::thread::sleep(Duration::from_millis(2));
+        let released_at = Instant::now();
+        drop(guard);
+        io.flush();
+        let passed = passed.lock().unwrap().expect("job ran");
+        // Only the release (or the cap) lets it through.
+        assert!(passed >= released_at || passed - held_at >= MAX_HOLD);
+    }
+
+    #[test]
+    fn a_hold_never_released_stops_the_thread_for_at_most_max_hold() {
+        let io = IoThread::start().unwrap();
+        let held_at = Instant::now();
+        std::mem::forget(io.hold().hold());
+        let hold = Arc::clone(io.hold());
+        io.submit(move || {
+            hold.yield_point();
+            None
+        });
+        io.flush();
+        assert_eq!(io.completed(), 1);
+        assert!(held_at.elapsed() >= MAX_HOLD);
     }
 }

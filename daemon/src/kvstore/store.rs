@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use super::assign::assign_levels;
 use super::durable::{self, DurableError};
-use super::io::{Done, IoThread};
+use super::io::{Done, IoHold, IoThread};
 use super::lctru::Lctru;
 use super::plan::{self, LinearCost, Missing, RestoreCosts};
 use super::swapfile::{self, ItemSpec, SwapFile};
@@ -1446,8 +1446,9 @@ impl KvStore {
         let n_layers = self.shape.n_layers;
         let delay = self.io.fault_delay();
         let unwritten = Arc::clone(&self.unwritten);
+        let hold = Arc::clone(self.io.hold());
         self.io.submit(move || {
-            let result = write_segment_items(&path, hash, n_layers, &items, delay)
+            let result = write_segment_items(&path, hash, n_layers, &items, delay, &hold)
                 .map_err(|e| e.to_string());
             if result.is_ok() {
                 unwritten
@@ -1958,6 +1959,8 @@ impl KvStore {
         if !any_recompute {
             let failed = Mutex::new(Vec::new());
             let spare = Mutex::new(self.spare.take().unwrap_or_default());
+            // Both cores for the read: the I/O thread waits at its next yield point.
+            let _hold = self.io.hold().hold();
             self.pool.run_tasks(pending.len(), &|k, _| {
                 let (src, (idx, chunk)) = (files[k], &pending[k]);
                 let loaded = src
@@ -2859,7 +2862,7 @@ impl KvStore {
                 sections: layers.clone(),
             };
             let items = vec![item; n];
-            let w = swapfile::write_segment(&p, shape_hash(shape), &items, &mut |_| {})
+            let w = swapfile::write_segment(&p, shape_hash(shape), &items, &mut |_, _| {})
                 .map_err(internal)?;
             let t = Instant::now();
             let file = SwapFile::open(&p).map_err(internal)?;
@@ -2894,6 +2897,7 @@ fn write_segment_items(
     n_layers: usize,
     items: &[PendingItem],
     delay: Option<Duration>,
+    hold: &IoHold,
 ) -> Result<u64, swapfile::SwapError> {
     let concat = |ch: &SealedChunk| -> Vec<u8> {
         (0..n_layers)
@@ -2937,10 +2941,11 @@ fn write_segment_items(
             },
         })
         .collect();
-    let mut pace = |i: usize| {
-        if let Some(d) = delay.filter(|_| i > 0) {
+    let mut pace = |i: usize, section: usize| {
+        if let Some(d) = delay.filter(|_| i > 0 && section == 0) {
             std::thread::sleep(d);
         }
+        hold.yield_point();
     };
     Ok(swapfile::write_segment(path, hash, &specs, &mut pace)?.file_bytes)
 }

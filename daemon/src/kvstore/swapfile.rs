@@ -68,8 +68,9 @@ const CRC_LEN: usize = 4;
 const MAX_LZ4_RATIO: u64 = 256;
 /// Slack for tiny blocks (an empty input still compresses to one token byte).
 const LZ4_RATIO_SLACK: u64 = 64;
-/// Writes go through a buffer of this size (a segment is thousands of small sections).
-const WRITE_BUFFER: usize = 1 << 20;
+/// Writes go through a buffer of this size (a segment is thousands of small sections); small
+/// enough that one write call is short, so the I/O thread reaches its next yield point soon.
+const WRITE_BUFFER: usize = 128 << 10;
 /// Bytes read at open in one go; a longer header and table is read with a second read.
 const HEAD_READ: usize = 4096;
 /// At most this many buffers per vectored read (Linux's IOV_MAX).
@@ -190,7 +191,7 @@ pub fn write_segment(
     path: &Path,
     shape_hash: u64,
     items: &[ItemSpec],
-    pace: &mut dyn FnMut(usize),
+    pace: &mut dyn FnMut(usize, usize),
 ) -> Result<Written, SwapError> {
     let n_sections: usize = items.iter().map(|it| it.sections.len()).sum();
     let header_len = FIXED_LEN + ITEM_LEN * items.len() + SECTION_LEN * n_sections;
@@ -242,8 +243,8 @@ pub fn write_segment(
         w.write_all(&head)?;
         let mut len = head.len() as u64;
         for (i, enc) in encoded.iter().enumerate() {
-            pace(i);
-            for e in enc {
+            for (k, e) in enc.iter().enumerate() {
+                pace(i, k);
                 w.write_all(e.bytes())?;
                 len += e.bytes().len() as u64;
             }
@@ -844,7 +845,7 @@ mod tests {
     }
 
     fn write(path: &Path, items: &[ItemSpec]) -> Written {
-        write_segment(path, HASH, items, &mut |_| {}).unwrap()
+        write_segment(path, HASH, items, &mut |_, _| {}).unwrap()
     }
 
     /// Sections of mixed nature: compressible, incompressible, empty, tiny, repetitive.
@@ -975,14 +976,17 @@ mod tests {
                 n_items: 0
             })
         ));
-        // pace sees every item, in order, before it is written.
+        // pace sees every section of every item, in order, before it is written.
         let s = sample_sections(3);
         let mut seen = Vec::new();
-        write_segment(&path, HASH, &[item(4, &s), item(2, &s)], &mut |i| {
-            seen.push(i)
+        write_segment(&path, HASH, &[item(4, &s), item(2, &s)], &mut |i, k| {
+            seen.push((i, k))
         })
         .unwrap();
-        assert_eq!(seen, vec![0, 1]);
+        let expected: Vec<(usize, usize)> = (0..2)
+            .flat_map(|i| (0..s.len()).map(move |k| (i, k)))
+            .collect();
+        assert_eq!(seen, expected);
     }
 
     #[test]
