@@ -20,8 +20,8 @@ const MAX_HOLD: Duration = Duration::from_millis(20);
 /// the pool's second thread joins a 1 ms restore half a millisecond late: the scheduler lets
 /// a running thread finish its slice before a woken one gets the core.
 ///
-/// The thread stops at its next yield point (before a job, between a segment's items) until
-/// every [`HoldGuard`] is dropped, or [`MAX_HOLD`] has passed.
+/// The thread stops at its next yield point (before a job, before each section a segment write
+/// writes) until every [`HoldGuard`] is dropped, or [`MAX_HOLD`] has passed.
 #[derive(Debug, Default)]
 pub struct IoHold {
     held: AtomicBool,
