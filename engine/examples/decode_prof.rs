@@ -3,8 +3,10 @@
 //! `cargo run --release -p llmsd-engine --example decode_prof -- MODE MODEL [THREADS] [STEPS]
 //! [BATCH] [CONTEXT]` with MODE `batch` (BATCH sequences decoded together, each after a
 //! CONTEXT-token history in f16 chunks: one prefilled history deep-copied per sequence, so the
-//! setup is short under `valgrind --tool=callgrind`), `single` (one sequence) or `prefill`
-//! (CONTEXT tokens in 64-token slices, sealed as they fill). Prints seconds and tok/s.
+//! setup is short under `valgrind --tool=callgrind`), `single` (one sequence), `prefill`
+//! (CONTEXT tokens in 64-token slices, sealed as they fill) or `mixed` (`batch` plus one more
+//! sequence that prefills `LLMSD_MIXED_K` tokens a step after an `LLMSD_MIXED_CTX`-token
+//! history: the scheduler's mixed steps). Prints seconds and tok/s.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -125,6 +127,22 @@ fn main() -> Res<()> {
     let mut caches: Vec<ChunkedKv> = (0..b).map(|_| deep_copy(&kv, cap)).collect::<Res<_>>()?;
     let mut next: Vec<u32> = (0..b as u32).map(|i| (first + i) % vocab).collect();
     let mut scratch = Scratch::default();
+    // `mixed`: one more sequence prefills `LLMSD_MIXED_K` tokens a step beside the decoders.
+    let mixed_k: usize = std::env::var("LLMSD_MIXED_K")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mixed_ctx: usize = std::env::var("LLMSD_MIXED_CTX")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut pkv = ChunkedKv::new(model.kv_shape(), mixed_ctx + steps * mixed_k + 1);
+    if mode == "mixed" && mixed_ctx > 0 {
+        let pids: Vec<u32> = (0..mixed_ctx as u32)
+            .map(|i| (i * 104_729 + 7) % vocab)
+            .collect();
+        prefill(&model, &pool, &pids, &mut pkv)?;
+    }
     let t = Instant::now();
     for step in 0..steps {
         let inputs: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
@@ -138,12 +156,26 @@ fn main() -> Res<()> {
                 logits: Logits::Last,
             })
             .collect();
+        let ptoks: Vec<u32> = (0..mixed_k as u32)
+            .map(|i| (i * 31 + step as u32) % vocab)
+            .collect();
+        if mode == "mixed" && mixed_k > 0 {
+            sb.push(SeqBatch {
+                tokens: &ptoks,
+                start_pos: mixed_ctx + step * mixed_k,
+                kv: &mut pkv,
+                logits: Logits::None,
+            });
+        }
         let logits = model.forward(&pool, &mut sb, &mut scratch)?;
         for (n, row) in next.iter_mut().zip(logits.chunks_exact(vocab as usize)) {
             *n = argmax(row);
         }
         for kv in caches.iter_mut() {
             seal_f16(kv)?;
+        }
+        if mode == "mixed" {
+            seal_f16(&mut pkv)?;
         }
     }
     let s = t.elapsed().as_secs_f64();

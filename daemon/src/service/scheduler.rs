@@ -225,45 +225,98 @@ type HeldReply = Box<dyn FnOnce() + Send>;
 /// How often an idle scheduler looks whether held replies' writes are done.
 const HELD_REPLY_POLL: Duration = Duration::from_millis(2);
 
-/// Running estimates of what a step costs, to size prompt slices while others decode.
+/// What a step costs, to size prompt slices while others decode.
+///
+/// A decode-only step is modelled as a line in the number of decoders, `fixed + per_decode ·
+/// decoders` (the weights are read once, then each token costs about the same), fitted by
+/// least squares with exponential forgetting over decode-only steps. A prompt token's cost is
+/// what mixed steps took beyond that line, averaged over recent mixed steps and divided by the
+/// prompt tokens they carried (ratio of means, so a step slowed by something else counts for
+/// its time, not for its time divided by one token). Prompt tokens get dearer as a long prompt
+/// advances (each attends over everything prefilled before it), hence the short memory.
+///
+/// The earlier estimate compared mixed steps with the last decode-only step whatever the
+/// number of decoders then, and averaged per-step ratios; during a long prefill that pinned
+/// slices at one token, and a 2048-token prompt took 30–54 s beside 8 decoding apps.
 #[derive(Debug, Default)]
 struct StepCost {
-    /// Seconds of a decode-only step.
-    decode_step: Option<f64>,
-    /// Extra seconds per prompt token in a mixed step.
-    per_prompt_token: Option<f64>,
+    /// Decode-only steps: weighted means of decoders, seconds, decoders², decoders·seconds,
+    /// and the weight so far.
+    d: f64,
+    s: f64,
+    dd: f64,
+    ds: f64,
+    w: f64,
+    /// Mixed steps: seconds beyond the decode line, and prompt tokens carried.
+    extra_secs: Option<f64>,
+    prompt_tokens: Option<f64>,
 }
 
 impl StepCost {
-    const ALPHA: f64 = 0.2;
+    /// Weight of the newest decode-only step.
+    const DECODE_ALPHA: f64 = 0.05;
+    /// Weight of the newest mixed step.
+    const PROMPT_ALPHA: f64 = 0.2;
 
-    fn ema(v: &mut Option<f64>, x: f64) {
-        *v = Some(match *v {
-            Some(old) => old + Self::ALPHA * (x - old),
-            None => x,
-        });
-    }
-
-    fn observe(&mut self, secs: f64, decoders: usize, prompt_tokens: usize) {
-        if decoders == 0 {
+    fn observe(&mut self, secs: f64, decoders: usize, prompt: usize) {
+        if decoders == 0 || !secs.is_finite() {
             return;
         }
-        if prompt_tokens == 0 {
-            Self::ema(&mut self.decode_step, secs);
-        } else if let Some(d) = self.decode_step {
-            Self::ema(
-                &mut self.per_prompt_token,
-                ((secs - d) / prompt_tokens as f64).max(0.0),
-            );
+        if prompt == 0 {
+            let d = decoders as f64;
+            // Until the weights add up to one, average evenly (no bias towards zero).
+            self.w = (self.w + 1.0).min(1.0 / Self::DECODE_ALPHA);
+            let a = 1.0 / self.w;
+            let mix = |m: &mut f64, x: f64| *m += a * (x - *m);
+            mix(&mut self.d, d);
+            mix(&mut self.s, secs);
+            mix(&mut self.dd, d * d);
+            mix(&mut self.ds, d * secs);
+            return;
+        }
+        let Some(decode) = self.decode_step(decoders) else {
+            return;
+        };
+        let ema = |v: &mut Option<f64>, x: f64| {
+            *v = Some(v.map_or(x, |old| old + Self::PROMPT_ALPHA * (x - old)));
+        };
+        ema(&mut self.extra_secs, (secs - decode).max(0.0));
+        ema(&mut self.prompt_tokens, prompt as f64);
+    }
+
+    /// Estimated seconds of a decode-only step with `decoders` decoders.
+    fn decode_step(&self, decoders: usize) -> Option<f64> {
+        if self.w < 1.0 || self.d <= 0.0 {
+            return None;
+        }
+        let d = decoders as f64;
+        let var = self.dd - self.d * self.d;
+        if var >= 0.5 {
+            let slope = (self.ds - self.d * self.s) / var;
+            if slope > 0.0 {
+                let fixed = (self.s - slope * self.d).max(0.0);
+                return Some(fixed + slope * d);
+            }
+        }
+        // One batch size seen so far: proportional (errs low for fewer decoders).
+        Some(self.s * d / self.d)
+    }
+
+    /// Extra seconds per prompt token in a mixed step.
+    fn per_prompt_token(&self) -> Option<f64> {
+        match (self.extra_secs, self.prompt_tokens) {
+            (Some(e), Some(k)) if k > 0.0 && e > 0.0 => Some(e / k),
+            _ => None,
         }
     }
 
-    /// Prompt tokens a step may carry so it costs at most `(1 + factor)` decode steps.
-    fn budget(&self, factor: f64, max: usize) -> usize {
-        match (self.decode_step, self.per_prompt_token) {
-            (Some(d), Some(c)) if c > 0.0 => ((factor * d / c) as usize).clamp(1, max),
+    /// Prompt tokens a step with `decoders` decode tokens may carry so it costs at most
+    /// `(1 + factor)` times a decode-only step.
+    fn budget(&self, decoders: usize, factor: f64, max: usize) -> usize {
+        match (self.decode_step(decoders), self.per_prompt_token()) {
+            (Some(d), Some(c)) => ((factor * d / c) as usize).clamp(1, max),
             // Until measured: a small slice.
-            _ => 8.min(max),
+            _ => 4.min(max),
         }
     }
 }
@@ -326,9 +379,14 @@ impl Scheduler {
             if self.shutdown {
                 break;
             }
+            let t_admit = Instant::now();
             self.reap_cancelled();
             self.reap_stalled();
             self.admit();
+            let admit_ms = t_admit.elapsed().as_secs_f64() * 1e3;
+            if admit_ms > 1.0 {
+                tracing::debug!(admit_ms, "admitted requests");
+            }
             if !self.running.is_empty() && !self.step() {
                 // Every running request waits on its client: wait for a command instead of
                 // spinning, and look again soon.
@@ -959,6 +1017,7 @@ impl Scheduler {
             self.cfg.alone_prefill_tokens
         } else {
             self.cost.budget(
+                decoders,
                 self.cfg.prefill_latency_factor,
                 self.cfg.step_prefill_tokens,
             )
@@ -1033,6 +1092,7 @@ impl Scheduler {
                 }
             }
         }
+        let t_forward = Instant::now();
         let result = {
             let mut steps: Vec<SessionStep<'_>> = sessions
                 .iter_mut()
@@ -1049,8 +1109,11 @@ impl Scheduler {
             self.running[*i].session = Some(s);
         }
         Metrics::add(&self.metrics.engine_steps_total, 1);
-        self.cost
-            .observe(t0.elapsed().as_secs_f64(), decoders, full_budget - budget);
+        let forward_ms = t_forward.elapsed().as_secs_f64() * 1e3;
+        if decoders > 0 {
+            self.cost
+                .observe(t0.elapsed().as_secs_f64(), decoders, full_budget - budget);
+        }
         let logits = match result {
             Ok(l) => l,
             Err(e) => {
@@ -1128,6 +1191,8 @@ impl Scheduler {
         Metrics::add(&self.metrics.engine_busy_us_total, busy_us);
         let spent = self.meter.read() - e0;
         self.charge_step(&plan, spent);
+        let t_finish = Instant::now();
+        let finished = done.len();
         // Finish from the back so indices stay valid.
         done.sort_unstable_by_key(|d| std::cmp::Reverse(d.0));
         for (i, reason) in done {
@@ -1135,6 +1200,16 @@ impl Scheduler {
             self.finish(r, reason);
         }
         self.update_gauges();
+        tracing::debug!(
+            decoders,
+            prompt_tokens = full_budget - budget,
+            budget = full_budget,
+            forward_ms,
+            finish_ms = t_finish.elapsed().as_secs_f64() * 1e3,
+            finished,
+            step_ms = t0.elapsed().as_secs_f64() * 1e3,
+            "engine step"
+        );
         true
     }
 
@@ -1340,5 +1415,74 @@ impl Scheduler {
         self.release_held_replies();
         self.quotas.flush(true);
         self.update_gauges();
+    }
+}
+
+#[cfg(test)]
+mod step_cost_tests {
+    use super::StepCost;
+
+    /// 5 ms a step, 1.5 ms a decode token, 6 ms a prompt token.
+    fn cost(d: usize, p: usize) -> f64 {
+        0.005 + 0.0015 * d as f64 + 0.006 * p as f64
+    }
+
+    #[test]
+    fn decode_line_and_prompt_cost_are_recovered() {
+        let mut c = StepCost::default();
+        assert_eq!(c.budget(8, 1.0, 64), 4);
+        for d in (1..=8).cycle().take(100) {
+            c.observe(cost(d, 0), d, 0);
+        }
+        let est = c.decode_step(8).unwrap();
+        assert!((est - cost(8, 0)).abs() < 1e-9, "{est}");
+        // Mixed steps at other batch sizes than the decode-only ones seen.
+        for i in 0..50 {
+            let (d, p) = (3 + i % 4, 1 + i % 3);
+            c.observe(cost(d, p), d, p);
+        }
+        let per = c.per_prompt_token().unwrap();
+        assert!((per - 0.006).abs() < 1e-9, "{per}");
+        // 8 decoders cost 17 ms: another 17 ms buys 2 prompt tokens.
+        assert_eq!(c.budget(8, 1.0, 64), 2);
+        assert_eq!(c.budget(8, 4.0, 64), 11);
+        assert_eq!(c.budget(8, 4.0, 6), 6);
+        assert_eq!(c.budget(1, 0.1, 64), 1);
+    }
+
+    #[test]
+    fn one_slow_mixed_step_does_not_collapse_the_slice() {
+        let mut c = StepCost::default();
+        for d in (1..=8).cycle().take(100) {
+            c.observe(cost(d, 0), d, 0);
+        }
+        for _ in 0..30 {
+            c.observe(cost(8, 4), 8, 4);
+        }
+        let before = c.budget(8, 2.0, 64);
+        assert_eq!(before, 5);
+        // A step held up by something else (a call closing) with one prompt token.
+        c.observe(cost(8, 1) + 0.04, 8, 1);
+        let after = c.budget(8, 2.0, 64);
+        assert!(after * 2 >= before, "{before} -> {after}");
+    }
+
+    #[test]
+    fn prompt_tokens_growing_dearer_shrink_the_slice() {
+        let mut c = StepCost::default();
+        for _ in 0..50 {
+            c.observe(0.020, 8, 0);
+        }
+        // One batch size: proportional.
+        assert!((c.decode_step(4).unwrap() - 0.010).abs() < 1e-9);
+        for _ in 0..30 {
+            c.observe(0.020 + 4.0 * 0.002, 8, 4);
+        }
+        let cheap = c.budget(8, 1.0, 64);
+        for _ in 0..30 {
+            c.observe(0.020 + 4.0 * 0.008, 8, 4);
+        }
+        let dear = c.budget(8, 1.0, 64);
+        assert_eq!((cheap, dear), (10, 2));
     }
 }
