@@ -286,11 +286,14 @@ mod x86 {
     use super::STRIP;
     use crate::quant::panel::x86::{run_packed, Kind};
 
-    /// Token counts up to this take [`small`]; more go to the panel kernel. Measured
-    /// (SmolLM2, 2 threads, batched decode steps): `small` beats the panel path up to at least
-    /// 32 tokens (9 tokens: 24 against 32 ms a step, 16: 37 against 49, 32: 549 against 471
-    /// tok/s); at 64 the two are even.
-    const SMALL_MAX: usize = 32;
+    /// Token counts up to this take [`small`]; more go to the panel kernel. `small` beats the
+    /// panel path up to at least 32 tokens (decode_prof, SmolLM2, 2 threads: 9 tokens 24
+    /// against 32 ms a step, 16 tokens 37 against 49; at 64 the two are even), so a step of 8
+    /// decoders and a few prompt tokens does not jump by a whole step. Kept at 16, not 32: the
+    /// two paths differ by more than rounding (a logit 0.18 apart at position 0 of a 20-token
+    /// prompt), and a prompt prefilled by one path and recomputed by the other then gives
+    /// another greedy continuation (tests/faults.rs).
+    const SMALL_MAX: usize = 16;
     /// Tokens per register tile of [`small`].
     const T: usize = 4;
     /// Bytes ahead of the weight stream that are prefetched.
@@ -545,8 +548,8 @@ mod tests {
         assert!(dequantize_row(GgmlType::Q4_1, 32, &dst, 9, &mut out).is_err());
     }
 
-    /// The packed tile kernel against scalar dots on the original layout, for 1..=32 tokens
-    /// (the small kernel), 33 and 70 (the panel path), rows longer than one column chunk of
+    /// The packed tile kernel against scalar dots on the original layout, for 1..=16 tokens
+    /// (the small kernel), 17..=33 and 70 (the panel path), rows longer than one column chunk of
     /// either path, an output stride with padding.
     fn check(
         ty: GgmlType,
