@@ -1110,10 +1110,9 @@ impl Scheduler {
         }
         Metrics::add(&self.metrics.engine_steps_total, 1);
         let forward_ms = t_forward.elapsed().as_secs_f64() * 1e3;
-        if decoders > 0 {
-            self.cost
-                .observe(t0.elapsed().as_secs_f64(), decoders, full_budget - budget);
-        }
+        let prompt_tokens = full_budget - budget;
+        self.cost
+            .observe(t0.elapsed().as_secs_f64(), decoders, prompt_tokens);
         let logits = match result {
             Ok(l) => l,
             Err(e) => {
@@ -1202,7 +1201,7 @@ impl Scheduler {
         self.update_gauges();
         tracing::debug!(
             decoders,
-            prompt_tokens = full_budget - budget,
+            prompt_tokens,
             budget = full_budget,
             forward_ms,
             finish_ms = t_finish.elapsed().as_secs_f64() * 1e3,
