@@ -279,6 +279,10 @@ pub struct LogitsArgs {
     ids_file: Option<PathBuf>,
     #[arg(long, default_value_t = 5)]
     top: usize,
+    /// Tokens per forward call: 1 runs every position through the decode path (one token at
+    /// a time against the cache), the default through the prefill path.
+    #[arg(long, default_value_t = LOGITS_BATCH as u32, value_parser = clap::value_parser!(u32).range(1..=LOGITS_BATCH as i64))]
+    step: u32,
     #[arg(long)]
     json: bool,
 }
@@ -293,17 +297,19 @@ fn parse_ids(s: &str) -> Result<Vec<u32>> {
         .collect()
 }
 
-/// Runs `ids` through the model in slices, calling `each(position, logits)` for every position.
+/// Runs `ids` through the model in slices of `step` tokens, calling `each(position, logits)`
+/// for every position.
 fn for_each_position_logits(
     l: &Loaded,
     ids: &[u32],
+    step: usize,
     mut each: impl FnMut(usize, &[f32]) -> Result<()>,
 ) -> Result<()> {
     let vocab = l.model.config.vocab_size;
     let mut kv = ContiguousKv::new(l.model.kv_shape(), ids.len());
     let mut scratch = Scratch::default();
-    for (chunk_idx, chunk) in ids.chunks(LOGITS_BATCH).enumerate() {
-        let start = chunk_idx * LOGITS_BATCH;
+    for (chunk_idx, chunk) in ids.chunks(step.max(1)).enumerate() {
+        let start = chunk_idx * step.max(1);
         let logits = l.model.forward(
             &l.pool,
             &mut [SeqBatch {
@@ -330,7 +336,7 @@ pub fn logits(a: LogitsArgs) -> Result<()> {
     let l = load(&a.model)?;
     let k = a.top.clamp(1, l.model.config.vocab_size);
     let mut out = Vec::with_capacity(ids.len());
-    for_each_position_logits(&l, &ids, |_, row| {
+    for_each_position_logits(&l, &ids, a.step as usize, |_, row| {
         let mut idx: Vec<u32> = (0..row.len() as u32).collect();
         let cmp = |a: &u32, b: &u32| row[*b as usize].total_cmp(&row[*a as usize]);
         idx.select_nth_unstable_by(k - 1, cmp);
@@ -400,7 +406,7 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
         Some(policy) => crate::contexts::perplexity_with_policy(&l, &ids, policy, a.kv_bits_avg)?,
         None => {
             let mut total = 0.0f64;
-            for_each_position_logits(&l, &ids, |p, row| {
+            for_each_position_logits(&l, &ids, LOGITS_BATCH, |p, row| {
                 if let Some(&next) = ids.get(p + 1) {
                     total += nll(row, next);
                 }

@@ -286,15 +286,20 @@ mod x86 {
     use super::STRIP;
     use crate::quant::panel::x86::{run_packed, Kind};
 
-    /// Token counts up to this take [`small`]; more go to the panel kernel.
-    const SMALL_MAX: usize = 8;
+    /// Token counts up to this take [`small`]; more go to the panel kernel. `small` is the
+    /// faster of the two up to about 32 tokens (decode_prof, SmolLM2, 2 threads: 9 tokens 24
+    /// against 32 ms a step, 16 tokens 37 against 49; at 64 the two are even), so a step of 8
+    /// decoders and a prompt slice does not jump to the panel's cost. The two give the same
+    /// bits (`small_and_panel_give_the_same_bits`), so the choice never changes an output.
+    pub(super) const SMALL_MAX: usize = 32;
     /// Tokens per register tile of [`small`].
     const T: usize = 4;
     /// Bytes ahead of the weight stream that are prefetched.
     const PREFETCH: usize = 1024;
     /// Most blocks per row handled by one [`small`] call's activation-scale table (longer
-    /// rows are done in column chunks whose results are added).
-    const MAX_NB: usize = 64;
+    /// rows are done in column chunks whose results are added). The panel kernel's column
+    /// chunk, so that the two add the same partial sums in the same order.
+    const MAX_NB: usize = crate::quant::panel::PG;
 
     /// The [`crate::quant::TileFn`] for packed kind `K`.
     pub(super) fn tile<K: Kind>(
@@ -469,17 +474,13 @@ mod x86 {
                         isum = _mm256_add_epi32(isum, _mm256_madd_epi16(s16, ones));
                     }
                 }
+                // d·(d_a·Σ), then m·c: the same float operations in the same order as the
+                // panel kernel's `strip_dot`, so both give the same bits.
                 let s = &sc[t][b];
                 let f = _mm256_cvtepi32_ps(isum);
+                acc[t] = _mm256_fmadd_ps(f, _mm256_mul_ps(d8, _mm256_set1_ps(s[0])), acc[t]);
                 if K::HAS_M {
-                    // d·(d_a·Σ) + m·c
-                    acc[t] = _mm256_fmadd_ps(
-                        _mm256_mul_ps(d8, _mm256_set1_ps(s[0])),
-                        f,
-                        _mm256_fmadd_ps(m8, _mm256_set1_ps(s[1]), acc[t]),
-                    );
-                } else {
-                    acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(d8, _mm256_set1_ps(s[0])), f, acc[t]);
+                    acc[t] = _mm256_fmadd_ps(m8, _mm256_set1_ps(s[1]), acc[t]);
                 }
             }
         }
@@ -542,8 +543,8 @@ mod tests {
         assert!(dequantize_row(GgmlType::Q4_1, 32, &dst, 9, &mut out).is_err());
     }
 
-    /// The packed tile kernel against scalar dots on the original layout, for 1..=8 tokens
-    /// (the small kernel), 9..=13 and 70 (the panel path), rows longer than one column chunk of
+    /// The packed tile kernel against scalar dots on the original layout, for 1..=32 tokens
+    /// (the small kernel), 33 and 70 (the panel path), rows longer than one column chunk of
     /// either path, an output stride with padding.
     fn check(
         ty: GgmlType,
@@ -604,8 +605,56 @@ mod tests {
             }
             for (cols, n_rows) in [(32, 8), (576, 24), (1536, 16), (4160, 8), (1088, 8)] {
                 let src = random_weights(ty, cols * n_rows, &mut rng);
-                for n_tok in [1, 2, 3, 4, 5, 7, 8, 9, 13, 70] {
+                for n_tok in [1, 2, 3, 4, 5, 7, 8, 9, 13, 32, 33, 70] {
                     check(ty, cols, &src, n_rows, n_tok, &mut rng);
+                }
+            }
+        }
+    }
+
+    /// Each token alone (the small kernel) and all of them in one call of more than
+    /// `SMALL_MAX` tokens (the panel kernel) give identical bits, for every type and for rows
+    /// of one and of several column chunks: a sequence's output must not depend on how many
+    /// tokens share its engine step.
+    #[test]
+    fn small_and_panel_give_the_same_bits() {
+        let mut rng = ChaCha8Rng::seed_from_u64(79);
+        let n_tok = x86::SMALL_MAX + 5;
+        for ty in TYPES {
+            let Some(f) = tile_fn(ty) else { continue };
+            for (cols, n_rows) in [(576, 24), (1536, 16), (4160, 8)] {
+                let src = random_weights(ty, cols * n_rows, &mut rng);
+                let mut packed = vec![0u8; src.len()];
+                pack(ty, cols, n_rows, &src, &mut packed).unwrap();
+                let ab = vec_dot_type(ty).row_bytes(cols).unwrap();
+                let a: Vec<u8> = (0..n_tok)
+                    .flat_map(|_| quantized(ty, &random_activations(cols, &mut rng)))
+                    .collect();
+                let mut all = vec![0f32; n_rows * n_tok];
+                f(cols, &packed, n_rows, &a, n_tok, &mut all, n_rows);
+                for group in [1, 3, 8, x86::SMALL_MAX] {
+                    for t0 in (0..n_tok).step_by(group) {
+                        let nt = group.min(n_tok - t0);
+                        let mut few = vec![0f32; n_rows * nt];
+                        f(
+                            cols,
+                            &packed,
+                            n_rows,
+                            &a[t0 * ab..(t0 + nt) * ab],
+                            nt,
+                            &mut few,
+                            n_rows,
+                        );
+                        let want = &all[t0 * n_rows..(t0 + nt) * n_rows];
+                        assert!(
+                            few.iter()
+                                .zip(want)
+                                .all(|(x, y)| x.to_bits() == y.to_bits()),
+                            "{ty} cols={cols}: tokens {t0}..{} in calls of {group} differ from \
+                             one call of {n_tok}",
+                            t0 + nt
+                        );
+                    }
                 }
             }
         }

@@ -24,7 +24,7 @@ use super::GgmlType;
 /// Rows per strip (lanes of a ymm of i32).
 const PR: usize = 8;
 /// Most 32-element sub-blocks per column chunk (1024 columns); longer rows add chunk results.
-const PG: usize = 32;
+pub(crate) const PG: usize = 32;
 /// Most tokens whose activation scales are converted per chunk.
 const PT: usize = 64;
 /// Tokens per register tile.
