@@ -127,6 +127,24 @@ fn logits_gives_sorted_top_k_per_position() {
     }
     // After "The capital of France is": " Paris" (7042).
     assert_eq!(ids(&rows[4]["ids"])[0], 7042);
+    // Token by token (the decode path), and in slices of 2: the same figures, to the digit.
+    for step in ["1", "2"] {
+        let sliced = json(&llmsd(&[
+            "logits",
+            "--model",
+            &smollm2(),
+            "--ids",
+            "504,3575,282,4649,314",
+            "--top",
+            "3",
+            "--step",
+            step,
+            "--json",
+        ]));
+        assert_eq!(sliced, out, "--step {step}");
+    }
+    let err = llmsd_fails(&["logits", "--model", &smollm2(), "--ids", "1", "--step", "0"]);
+    assert!(err.contains("--step"), "{err}");
 }
 
 #[test]
