@@ -30,6 +30,19 @@ pub(crate) fn available() -> bool {
     })
 }
 
+/// Whether this CPU also has AVX-512 VNNI with its 256-bit encodings (AVX-512 VL): `vpdpbusd`
+/// does the work of `maddubs` + `madd` + an add in one instruction, on the same registers, with
+/// the same integer result. `LLMSD_NO_VNNI=1` turns it off (A/B measurements).
+pub(crate) fn vnni() -> bool {
+    static VNNI: OnceLock<bool> = OnceLock::new();
+    *VNNI.get_or_init(|| {
+        available()
+            && is_x86_feature_detected!("avx512vnni")
+            && is_x86_feature_detected!("avx512vl")
+            && std::env::var_os("LLMSD_NO_VNNI").is_none_or(|v| v == "0")
+    })
+}
+
 // ---------------------------------------------------------------------------------------------
 // Safe wrappers
 

@@ -338,7 +338,8 @@ mod x86 {
                 Err(_) => &mut own,
             };
             asc.resize(SMALL_MAX * MAX_NB, [0.0; 4]);
-            small::<K>(nb, w, n_strips, a, n_tok, out, out_stride, asc);
+            let vnni = crate::quant::avx2::vnni();
+            small::<K>(nb, w, n_strips, a, n_tok, out, out_stride, asc, vnni);
         });
     }
 
@@ -346,9 +347,10 @@ mod x86 {
     type TokenGroup<'a> = (usize, usize, [*const u8; T], [&'a [[f32; 4]]; T]);
 
     /// [`tile`] for `n_tok <= SMALL_MAX` tokens, `n_strips` whole strips; `asc` holds
-    /// `SMALL_MAX · MAX_NB` entries.
+    /// `SMALL_MAX · MAX_NB` entries; `vnni`: the CPU has AVX-512 VNNI (see
+    /// [`crate::quant::avx2::vnni`]).
     #[allow(clippy::too_many_arguments)]
-    fn small<K: Kind>(
+    pub(super) fn small<K: Kind>(
         nb: usize,
         w: &[u8],
         n_strips: usize,
@@ -357,6 +359,7 @@ mod x86 {
         out: &mut [f32],
         out_stride: usize,
         asc: &mut [[f32; 4]],
+        vnni: bool,
     ) {
         let (w_row, a_row) = (nb * K::W_BYTES, nb * K::A_BYTES);
         for c0 in (0..nb).step_by(MAX_NB) {
@@ -393,10 +396,17 @@ mod x86 {
                             let mut r = [[0.0f32; STRIP]; T];
                             let ap: [*const u8; $n] = std::array::from_fn(|i| a_ptr[i]);
                             let sc: [&[[f32; 4]]; $n] = std::array::from_fn(|i| sc[i]);
-                            // SAFETY: AVX2/FMA/F16C checked; `sw` holds strip-blocks
-                            // c0..c0 + nbc of strip s; each token row at `ap` holds activation
-                            // blocks c0..c0 + nbc; `sc[i]` holds nbc scale entries.
-                            let x = unsafe { strip::<K, $n>(nbc, sw.as_ptr(), &ap, &sc) };
+                            // SAFETY: AVX2/FMA/F16C checked (and AVX-512 VNNI/VL when
+                            // `vnni`); `sw` holds strip-blocks c0..c0 + nbc of strip s; each
+                            // token row at `ap` holds activation blocks c0..c0 + nbc; `sc[i]`
+                            // holds nbc scale entries.
+                            let x = unsafe {
+                                if vnni {
+                                    strip_vnni::<K, $n>(nbc, sw.as_ptr(), &ap, &sc)
+                                } else {
+                                    strip::<K, $n>(nbc, sw.as_ptr(), &ap, &sc)
+                                }
+                            };
                             r[..$n].copy_from_slice(&x);
                             r
                         }};
@@ -422,75 +432,103 @@ mod x86 {
         }
     }
 
-    /// One strip (8 rows) against `N <= T` tokens over `nb` strip-blocks: lane `r` of `res[t]` is
-    /// row `r`'s dot with token `t`.
+    /// Defines a strip kernel: one strip (8 rows) against `N <= T` tokens over `nb`
+    /// strip-blocks; lane `r` of `res[t]` is row `r`'s dot with token `t`. `strip` multiplies
+    /// with `maddubs` summed in i16 then `madd` (AVX2); `strip_vnni` with `vpdpbusd` (the same
+    /// integer sums, so the same bits).
     ///
-    /// # Safety
-    /// AVX2/FMA/F16C; `nb · K::PACK_BYTES` readable bytes at `w`; at each `a[t]` the activation
-    /// blocks `0..nb` are readable; `sc[t]` holds at least `nb` entries.
-    #[allow(clippy::needless_range_loop)]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn strip<K: Kind, const N: usize>(
-        nb: usize,
-        w: *const u8,
-        a: &[*const u8; N],
-        sc: &[&[[f32; 4]]; N],
-    ) -> [[f32; STRIP]; N] {
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = [_mm256_setzero_ps(); N];
-        let aq = K::act_quants(0);
-        for b in 0..nb {
-            // A hint only: the address may lie past the weights (hence `wrapping_add`).
-            let pf = w.wrapping_add(b * K::PACK_BYTES + PREFETCH);
-            _mm_prefetch::<_MM_HINT_T0>(pf.cast::<i8>());
-            _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(K::PACK_BYTES / 2).cast::<i8>());
-            let mut v = [_mm256_setzero_si256(); 8];
-            // SAFETY (caller): strip-block b is readable.
-            let (d8, m8) = K::unpack(w.add(b * K::PACK_BYTES), &mut v);
-            let u = if K::SIGNED {
-                std::array::from_fn::<__m256i, 8, _>(|k| _mm256_sign_epi8(v[k], v[k]))
-            } else {
-                v
-            };
-            for t in 0..N {
-                let ap = a[t].add(b * K::A_BYTES + aq);
-                let mut isum = _mm256_setzero_si256();
-                let mut s16 = _mm256_setzero_si256();
-                for k in 0..8 {
-                    // SAFETY (caller): 32 quants at `ap`.
-                    let y =
-                        _mm256_set1_epi32(std::ptr::read_unaligned(ap.add(4 * k).cast::<i32>()));
-                    let pr = if K::SIGNED {
-                        _mm256_maddubs_epi16(u[k], _mm256_sign_epi8(y, v[k]))
+    /// # Safety (of the defined function)
+    /// The target features; `nb · K::PACK_BYTES` readable bytes at `w`; at each `a[t]` the
+    /// activation blocks `0..nb` are readable; `sc[t]` holds at least `nb` entries.
+    macro_rules! strip_kernel {
+        ($name:ident, $features:literal, $vnni:literal) => {
+            #[allow(clippy::needless_range_loop)]
+            #[target_feature(enable = $features)]
+            unsafe fn $name<K: Kind, const N: usize>(
+                nb: usize,
+                w: *const u8,
+                a: &[*const u8; N],
+                sc: &[&[[f32; 4]]; N],
+            ) -> [[f32; STRIP]; N] {
+                let ones = _mm256_set1_epi16(1);
+                let mut acc = [_mm256_setzero_ps(); N];
+                let aq = K::act_quants(0);
+                for b in 0..nb {
+                    // A hint only: the address may lie past the weights (hence
+                    // `wrapping_add`).
+                    let pf = w.wrapping_add(b * K::PACK_BYTES + PREFETCH);
+                    _mm_prefetch::<_MM_HINT_T0>(pf.cast::<i8>());
+                    _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(K::PACK_BYTES / 2).cast::<i8>());
+                    let mut v = [_mm256_setzero_si256(); 8];
+                    // SAFETY (caller): strip-block b is readable.
+                    let (d8, m8) = K::unpack(w.add(b * K::PACK_BYTES), &mut v);
+                    let u = if K::SIGNED {
+                        std::array::from_fn::<__m256i, 8, _>(|k| _mm256_sign_epi8(v[k], v[k]))
                     } else {
-                        _mm256_maddubs_epi16(u[k], y)
+                        v
                     };
-                    s16 = if k % K::DEPTH == 0 {
-                        pr
-                    } else {
-                        _mm256_add_epi16(s16, pr)
-                    };
-                    if (k + 1) % K::DEPTH == 0 {
-                        isum = _mm256_add_epi32(isum, _mm256_madd_epi16(s16, ones));
+                    for t in 0..N {
+                        let ap = a[t].add(b * K::A_BYTES + aq);
+                        // SAFETY (caller): 32 quants at `ap`.
+                        let y = |k: usize| {
+                            let y = _mm256_set1_epi32(std::ptr::read_unaligned(
+                                ap.add(4 * k).cast::<i32>(),
+                            ));
+                            if K::SIGNED {
+                                _mm256_sign_epi8(y, v[k])
+                            } else {
+                                y
+                            }
+                        };
+                        let isum = if $vnni {
+                            // Two chains, so consecutive `vpdpbusd`s do not wait on each other.
+                            let mut s = [_mm256_setzero_si256(); 2];
+                            for k in 0..8 {
+                                s[k & 1] = _mm256_dpbusd_epi32(s[k & 1], u[k], y(k));
+                            }
+                            _mm256_add_epi32(s[0], s[1])
+                        } else {
+                            let mut isum = _mm256_setzero_si256();
+                            let mut s16 = _mm256_setzero_si256();
+                            for k in 0..8 {
+                                let pr = _mm256_maddubs_epi16(u[k], y(k));
+                                s16 = if k % K::DEPTH == 0 {
+                                    pr
+                                } else {
+                                    _mm256_add_epi16(s16, pr)
+                                };
+                                if (k + 1) % K::DEPTH == 0 {
+                                    isum = _mm256_add_epi32(isum, _mm256_madd_epi16(s16, ones));
+                                }
+                            }
+                            isum
+                        };
+                        // d·(d_a·Σ), then m·c: the same float operations in the same order as
+                        // the panel kernel's `strip_dot`, so both give the same bits.
+                        let s = &sc[t][b];
+                        let f = _mm256_cvtepi32_ps(isum);
+                        acc[t] =
+                            _mm256_fmadd_ps(f, _mm256_mul_ps(d8, _mm256_set1_ps(s[0])), acc[t]);
+                        if K::HAS_M {
+                            acc[t] = _mm256_fmadd_ps(m8, _mm256_set1_ps(s[1]), acc[t]);
+                        }
                     }
                 }
-                // d·(d_a·Σ), then m·c: the same float operations in the same order as the
-                // panel kernel's `strip_dot`, so both give the same bits.
-                let s = &sc[t][b];
-                let f = _mm256_cvtepi32_ps(isum);
-                acc[t] = _mm256_fmadd_ps(f, _mm256_mul_ps(d8, _mm256_set1_ps(s[0])), acc[t]);
-                if K::HAS_M {
-                    acc[t] = _mm256_fmadd_ps(m8, _mm256_set1_ps(s[1]), acc[t]);
+                let mut res = [[0.0f32; STRIP]; N];
+                for (r, a) in res.iter_mut().zip(acc) {
+                    // SAFETY: 8 f32 stored to an 8-f32 array.
+                    _mm256_storeu_ps(r.as_mut_ptr(), a);
                 }
+                res
             }
-        }
-        let mut res = [[0.0f32; STRIP]; N];
-        for (r, a) in res.iter_mut().zip(acc) {
-            // SAFETY: 8 f32 stored to an 8-f32 array.
-            _mm256_storeu_ps(r.as_mut_ptr(), a);
-        }
-        res
+        };
     }
+    strip_kernel!(strip, "avx2,fma,f16c", false);
+    strip_kernel!(
+        strip_vnni,
+        "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+        true
+    );
 }
 
 #[cfg(all(test, target_arch = "x86_64"))]
@@ -654,6 +692,54 @@ mod tests {
                              one call of {n_tok}",
                             t0 + nt
                         );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The small kernel's AVX-512 VNNI form (`vpdpbusd`) gives exactly its AVX2 form's bits,
+    /// for 1 to `SMALL_MAX` tokens, random and extreme activations (every one ±127).
+    #[test]
+    fn small_vnni_gives_the_avx2_bits() {
+        use crate::quant::panel::x86::{Kind, KQ4_0, KQ4_1, KQ5_0, KQ8_0};
+        if !crate::quant::avx2::vnni() {
+            eprintln!("this CPU has no AVX-512 VNNI: nothing to compare");
+            return;
+        }
+        fn both<K: Kind>(cols: usize, w: &[u8], rows: usize, a: &[u8], n: usize) {
+            let mut asc = vec![[0f32; 4]; x86::SMALL_MAX * crate::quant::panel::PG];
+            let (mut x, mut y) = (vec![0f32; rows * n], vec![0f32; rows * n]);
+            let nb = cols / 32;
+            x86::small::<K>(nb, w, rows / STRIP, a, n, &mut x, rows, &mut asc, false);
+            x86::small::<K>(nb, w, rows / STRIP, a, n, &mut y, rows, &mut asc, true);
+            assert!(x.iter().any(|&v| v != 0.0));
+            let same = x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits());
+            assert!(same, "cols={cols} tokens={n}: VNNI and AVX2 differ");
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(89);
+        for ty in TYPES {
+            let (cols, rows) = (1536, 16);
+            let src = random_weights(ty, cols * rows, &mut rng);
+            let mut w = vec![0u8; src.len()];
+            pack(ty, cols, rows, &src, &mut w).unwrap();
+            for n in [1, 3, 8, x86::SMALL_MAX] {
+                for extreme in [false, true] {
+                    let a: Vec<u8> = (0..n)
+                        .flat_map(|_| {
+                            let mut x = random_activations(cols, &mut rng);
+                            if extreme {
+                                x.iter_mut()
+                                    .for_each(|v| *v = if *v < 0.0 { -1.0 } else { 1.0 });
+                            }
+                            quantized(ty, &x)
+                        })
+                        .collect();
+                    match ty {
+                        GgmlType::Q4_0 => both::<KQ4_0>(cols, &w, rows, &a, n),
+                        GgmlType::Q4_1 => both::<KQ4_1>(cols, &w, rows, &a, n),
+                        GgmlType::Q5_0 => both::<KQ5_0>(cols, &w, rows, &a, n),
+                        _ => both::<KQ8_0>(cols, &w, rows, &a, n),
                     }
                 }
             }

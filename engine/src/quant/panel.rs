@@ -565,86 +565,124 @@ pub(super) mod x86 {
         }
     }
 
-    /// `res[t]` lane `r` = Σ over sub-blocks `0..ng` of panel row `r` · token `t`, for the `T`
-    /// tokens whose quants (chunk start) are at `a[t]` (`A_BYTES` per block) and whose converted
-    /// scales are `asc[t·PG + g]`.
+    /// Defines a panel dot kernel: `res[t]` lane `r` = Σ over sub-blocks `0..ng` of panel row
+    /// `r` · token `t`, for the `T` tokens whose quants (chunk start) are at `a[t]` (`A_BYTES`
+    /// per block) and whose converted scales are `asc[t·PG + g]`. `strip_dot` multiplies with
+    /// `maddubs` summed in i16 then `madd` (AVX2); `strip_dot_vnni` with `vpdpbusd` (the same
+    /// integer sums, so the same bits).
     ///
-    /// # Safety
-    /// AVX2/FMA/F16C; `ng <= PG`; at each `a[t]` the activation blocks covering sub-blocks
-    /// `0..ng` are readable; `asc` holds `T·PG` entries, filled for them.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn strip_dot<K: Kind>(
-        ng: usize,
-        p: &Panel,
-        a: [*const u8; T],
-        asc: &[[f32; 4]],
-    ) -> [[f32; PR]; T] {
-        let spb = K::BLOCK / 32;
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = [_mm256_setzero_ps(); T];
-        debug_assert!(asc.len() >= T * PG && ng <= PG);
-        for g in 0..ng.min(PG) {
-            let aoff = (g / spb) * K::A_BYTES + K::act_quants(g % spb);
-            let mut v = [_mm256_setzero_si256(); 8];
-            for (k, vk) in v.iter_mut().enumerate() {
-                // SAFETY: `p.q[g][k]` is 32 bytes, 32-aligned.
-                *vk = _mm256_load_si256(p.q[g][k].as_ptr().cast::<__m256i>());
-            }
-            let u = if K::SIGNED {
-                std::array::from_fn::<__m256i, 8, _>(|k| _mm256_sign_epi8(v[k], v[k]))
-            } else {
-                v
-            };
-            let ld = |c: usize| _mm256_load_ps(p.s[g][c].as_ptr());
-            let (d8, m8) = (ld(0), ld(1));
-            for t in 0..T {
-                let ap = a[t].add(aoff);
-                let mut isum = [_mm256_setzero_si256(); 2];
-                let mut s16 = _mm256_setzero_si256();
-                for k in 0..8 {
-                    // SAFETY (caller): 32 quants at `ap`.
-                    let y =
-                        _mm256_set1_epi32(std::ptr::read_unaligned(ap.add(4 * k).cast::<i32>()));
-                    let pr = if K::SIGNED {
-                        _mm256_maddubs_epi16(u[k], _mm256_sign_epi8(y, v[k]))
+    /// # Safety (of the defined function)
+    /// The target features; `ng <= PG`; at each `a[t]` the activation blocks covering
+    /// sub-blocks `0..ng` are readable; `asc` holds `T·PG` entries, filled for them.
+    macro_rules! strip_dot_kernel {
+        ($name:ident, $features:literal, $vnni:literal) => {
+            #[target_feature(enable = $features)]
+            unsafe fn $name<K: Kind>(
+                ng: usize,
+                p: &Panel,
+                a: [*const u8; T],
+                asc: &[[f32; 4]],
+            ) -> [[f32; PR]; T] {
+                let spb = K::BLOCK / 32;
+                let ones = _mm256_set1_epi16(1);
+                let mut acc = [_mm256_setzero_ps(); T];
+                debug_assert!(asc.len() >= T * PG && ng <= PG);
+                for g in 0..ng.min(PG) {
+                    let aoff = (g / spb) * K::A_BYTES + K::act_quants(g % spb);
+                    let mut v = [_mm256_setzero_si256(); 8];
+                    for (k, vk) in v.iter_mut().enumerate() {
+                        // SAFETY: `p.q[g][k]` is 32 bytes, 32-aligned.
+                        *vk = _mm256_load_si256(p.q[g][k].as_ptr().cast::<__m256i>());
+                    }
+                    let u = if K::SIGNED {
+                        std::array::from_fn::<__m256i, 8, _>(|k| _mm256_sign_epi8(v[k], v[k]))
                     } else {
-                        _mm256_maddubs_epi16(u[k], y)
+                        v
                     };
-                    s16 = if k % K::DEPTH == 0 {
-                        pr
-                    } else {
-                        _mm256_add_epi16(s16, pr)
-                    };
-                    if (k + 1) % K::DEPTH == 0 || (K::SPLIT && k == 3) {
-                        let h = usize::from(K::SPLIT && k >= 4);
-                        isum[h] = _mm256_add_epi32(isum[h], _mm256_madd_epi16(s16, ones));
+                    let ld = |c: usize| _mm256_load_ps(p.s[g][c].as_ptr());
+                    let (d8, m8) = (ld(0), ld(1));
+                    for t in 0..T {
+                        let ap = a[t].add(aoff);
+                        // SAFETY (caller): 32 quants at `ap`.
+                        let y = |k: usize| {
+                            let y = _mm256_set1_epi32(std::ptr::read_unaligned(
+                                ap.add(4 * k).cast::<i32>(),
+                            ));
+                            if K::SIGNED {
+                                _mm256_sign_epi8(y, v[k])
+                            } else {
+                                y
+                            }
+                        };
+                        // isum[1]: the second half's sum when the scales cover 16 elements.
+                        let mut isum = [_mm256_setzero_si256(); 2];
+                        if $vnni {
+                            if K::SPLIT {
+                                for k in 0..8 {
+                                    let h = usize::from(k >= 4);
+                                    isum[h] = _mm256_dpbusd_epi32(isum[h], u[k], y(k));
+                                }
+                            } else {
+                                // Two chains, so consecutive `vpdpbusd`s do not wait on each
+                                // other.
+                                let mut s = [_mm256_setzero_si256(); 2];
+                                for k in 0..8 {
+                                    s[k & 1] = _mm256_dpbusd_epi32(s[k & 1], u[k], y(k));
+                                }
+                                isum[0] = _mm256_add_epi32(s[0], s[1]);
+                            }
+                        } else {
+                            let mut s16 = _mm256_setzero_si256();
+                            for k in 0..8 {
+                                let pr = _mm256_maddubs_epi16(u[k], y(k));
+                                s16 = if k % K::DEPTH == 0 {
+                                    pr
+                                } else {
+                                    _mm256_add_epi16(s16, pr)
+                                };
+                                if (k + 1) % K::DEPTH == 0 || (K::SPLIT && k == 3) {
+                                    let h = usize::from(K::SPLIT && k >= 4);
+                                    isum[h] =
+                                        _mm256_add_epi32(isum[h], _mm256_madd_epi16(s16, ones));
+                                }
+                            }
+                        }
+                        let sc = &asc[t * PG + g];
+                        let da = _mm256_set1_ps(sc[0]);
+                        acc[t] = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(isum[0]),
+                            _mm256_mul_ps(d8, da),
+                            acc[t],
+                        );
+                        if K::HAS_M {
+                            acc[t] = _mm256_fmadd_ps(m8, _mm256_set1_ps(sc[1]), acc[t]);
+                        }
+                        if K::SPLIT {
+                            let (d8b, m8b) = (ld(2), ld(3));
+                            acc[t] = _mm256_fmadd_ps(
+                                _mm256_cvtepi32_ps(isum[1]),
+                                _mm256_mul_ps(d8b, da),
+                                acc[t],
+                            );
+                            acc[t] = _mm256_fmadd_ps(m8b, _mm256_set1_ps(sc[2]), acc[t]);
+                        }
                     }
                 }
-                let sc = &asc[t * PG + g];
-                let da = _mm256_set1_ps(sc[0]);
-                acc[t] =
-                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[0]), _mm256_mul_ps(d8, da), acc[t]);
-                if K::HAS_M {
-                    acc[t] = _mm256_fmadd_ps(m8, _mm256_set1_ps(sc[1]), acc[t]);
+                let mut res = [[0.0f32; PR]; T];
+                for (r, a) in res.iter_mut().zip(acc) {
+                    // SAFETY: 8 f32 stored to an 8-f32 array.
+                    _mm256_storeu_ps(r.as_mut_ptr(), a);
                 }
-                if K::SPLIT {
-                    let (d8b, m8b) = (ld(2), ld(3));
-                    acc[t] = _mm256_fmadd_ps(
-                        _mm256_cvtepi32_ps(isum[1]),
-                        _mm256_mul_ps(d8b, da),
-                        acc[t],
-                    );
-                    acc[t] = _mm256_fmadd_ps(m8b, _mm256_set1_ps(sc[2]), acc[t]);
-                }
+                res
             }
-        }
-        let mut res = [[0.0f32; PR]; T];
-        for (r, a) in res.iter_mut().zip(acc) {
-            // SAFETY: 8 f32 stored to an 8-f32 array.
-            _mm256_storeu_ps(r.as_mut_ptr(), a);
-        }
-        res
+        };
     }
+    strip_dot_kernel!(strip_dot, "avx2,fma,f16c", false);
+    strip_dot_kernel!(
+        strip_dot_vnni,
+        "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+        true
+    );
 
     /// The [`super::super::TileFn`] over panels for kind `K` (see the module doc). Counts are
     /// clamped to what the slices hold; outputs outside `out` are skipped.
@@ -657,7 +695,8 @@ pub(super) mod x86 {
         out: &mut [f32],
         out_stride: usize,
     ) {
-        run_any::<K, false>(cols, w, n_rows, a, n_tok, out, out_stride);
+        let vnni = crate::quant::avx2::vnni();
+        run_any::<K, false>(cols, w, n_rows, a, n_tok, out, out_stride, vnni);
     }
 
     /// [`run`] over weights in the packed layout (`super::super::packed`): `w` holds whole
@@ -674,10 +713,14 @@ pub(super) mod x86 {
         if K::PACK_BYTES == 0 {
             return;
         }
-        run_any::<K, true>(cols, w, n_rows / PR * PR, a, n_tok, out, out_stride);
+        let vnni = crate::quant::avx2::vnni();
+        run_any::<K, true>(cols, w, n_rows / PR * PR, a, n_tok, out, out_stride, vnni);
     }
 
-    fn run_any<K: Kind, const PACKED: bool>(
+    /// [`run`] (`PACKED` false) or [`run_packed`] (true); `vnni`: the CPU has AVX-512 VNNI
+    /// (see [`crate::quant::avx2::vnni`]).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn run_any<K: Kind, const PACKED: bool>(
         cols: usize,
         w: &[u8],
         n_rows: usize,
@@ -685,6 +728,7 @@ pub(super) mod x86 {
         n_tok: usize,
         out: &mut [f32],
         out_stride: usize,
+        vnni: bool,
     ) {
         let nb = cols / K::BLOCK;
         let (w_row, a_row) = (nb * K::W_BYTES, nb * K::A_BYTES);
@@ -697,7 +741,7 @@ pub(super) mod x86 {
         SCRATCH.with(|cell| match cell.try_borrow_mut() {
             Ok(mut s) => {
                 let s = s.get_or_insert_with(Box::default);
-                run_with::<K, PACKED>(nb, w, n_rows, a, n_tok, out, out_stride, s);
+                run_with::<K, PACKED>(nb, w, n_rows, a, n_tok, out, out_stride, s, vnni);
             }
             // Not reached (kernels do not nest); kept for soundness of the borrow.
             Err(_) => run_with::<K, PACKED>(
@@ -709,6 +753,7 @@ pub(super) mod x86 {
                 out,
                 out_stride,
                 &mut Box::default(),
+                vnni,
             ),
         });
     }
@@ -745,6 +790,7 @@ pub(super) mod x86 {
         out: &mut [f32],
         out_stride: usize,
         scratch: &mut Scratch,
+        vnni: bool,
     ) {
         let (w_row, a_row) = (nb * K::W_BYTES, nb * K::A_BYTES);
         let Scratch { panel, asc } = scratch;
@@ -787,11 +833,17 @@ pub(super) mod x86 {
                             let t = tc + t0 + i.min(nt - 1);
                             a[t * a_row + c0 * K::A_BYTES..].as_ptr()
                         });
-                        // SAFETY: AVX2/FMA/F16C checked; each token row holds blocks
-                        // c0..c0 + nbk; `asc[t0·PG..]` holds T·PG entries (the buffer has
+                        // SAFETY: AVX2/FMA/F16C checked (and AVX-512 VNNI/VL when `vnni`);
+                        // each token row holds blocks c0..c0 + nbk; `asc[t0·PG..]` holds T·PG entries (the buffer has
                         // T·PG spare) filled for tokens t0..t0 + nt (the rest are stale or zero,
                         // for dropped lanes only).
-                        let res = unsafe { strip_dot::<K>(ng, panel, a_ptr, &asc[t0 * PG..]) };
+                        let res = unsafe {
+                            if vnni {
+                                strip_dot_vnni::<K>(ng, panel, a_ptr, &asc[t0 * PG..])
+                            } else {
+                                strip_dot::<K>(ng, panel, a_ptr, &asc[t0 * PG..])
+                            }
+                        };
                         for (i, lanes) in res.iter().enumerate().take(nt) {
                             let base = (tc + t0 + i) * out_stride + r0;
                             if let Some(o) = out.get_mut(base..base + nr) {
@@ -925,6 +977,77 @@ mod tests {
                         .flat_map(|_| quantized(ty, &random_activations(cols, &mut rng)))
                         .collect();
                     check(ty, cols, &w, n_rows, &a, n_tok, "random");
+                }
+            }
+        }
+    }
+
+    /// The AVX-512 VNNI kernels (`vpdpbusd`) give exactly the AVX2 kernels' bits, for every
+    /// kind, file and packed layouts, random and extreme quants (every activation ±127, so the
+    /// AVX2 path's i16 sums are at their deepest).
+    #[test]
+    fn quant_panel_vnni_gives_the_avx2_bits() {
+        use super::x86::{run_any, Kind, KQ4_0, KQ4_1, KQ4_K, KQ5_0, KQ5_K, KQ6_K, KQ8_0};
+        if !crate::quant::avx2::vnni() {
+            eprintln!("this CPU has no AVX-512 VNNI: nothing to compare");
+            return;
+        }
+        fn both<K: Kind, const PACKED: bool>(
+            cols: usize,
+            w: &[u8],
+            rows: usize,
+            a: &[u8],
+            n: usize,
+        ) {
+            let mut x = vec![0f32; rows * n];
+            let mut y = vec![0f32; rows * n];
+            run_any::<K, PACKED>(cols, w, rows, a, n, &mut x, rows, false);
+            run_any::<K, PACKED>(cols, w, rows, a, n, &mut y, rows, true);
+            assert!(x.iter().any(|&v| v != 0.0));
+            let same = x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits());
+            assert!(same, "cols={cols} packed={PACKED}: VNNI and AVX2 differ");
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(83);
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q8_0,
+            GgmlType::Q4_K,
+            GgmlType::Q5_K,
+            GgmlType::Q6_K,
+        ] {
+            let (cols, rows, n) = (2304, 16, 13);
+            let w = random_weights(ty, cols * rows, &mut rng);
+            let mut packed = vec![0u8; w.len()];
+            let packable = crate::quant::packed::pack(ty, cols, rows, &w, &mut packed).is_ok();
+            for extreme in [false, true] {
+                let a: Vec<u8> = (0..n)
+                    .flat_map(|_| {
+                        let mut x = random_activations(cols, &mut rng);
+                        if extreme {
+                            x.iter_mut()
+                                .for_each(|v| *v = if *v < 0.0 { -1.0 } else { 1.0 });
+                        }
+                        quantized(ty, &x)
+                    })
+                    .collect();
+                match ty {
+                    GgmlType::Q4_0 => both::<KQ4_0, false>(cols, &w, rows, &a, n),
+                    GgmlType::Q4_1 => both::<KQ4_1, false>(cols, &w, rows, &a, n),
+                    GgmlType::Q5_0 => both::<KQ5_0, false>(cols, &w, rows, &a, n),
+                    GgmlType::Q8_0 => both::<KQ8_0, false>(cols, &w, rows, &a, n),
+                    GgmlType::Q4_K => both::<KQ4_K, false>(cols, &w, rows, &a, n),
+                    GgmlType::Q5_K => both::<KQ5_K, false>(cols, &w, rows, &a, n),
+                    _ => both::<KQ6_K, false>(cols, &w, rows, &a, n),
+                }
+                if packable {
+                    match ty {
+                        GgmlType::Q4_0 => both::<KQ4_0, true>(cols, &packed, rows, &a, n),
+                        GgmlType::Q4_1 => both::<KQ4_1, true>(cols, &packed, rows, &a, n),
+                        GgmlType::Q5_0 => both::<KQ5_0, true>(cols, &packed, rows, &a, n),
+                        _ => both::<KQ8_0, true>(cols, &packed, rows, &a, n),
+                    }
                 }
             }
         }
