@@ -745,16 +745,25 @@ async fn busctl_gdbus_and_dbus_send_work() {
     )
     .await;
     assert!(ok, "gdbus ChatSync: {err}");
-    // GVariant text: ('<json>',)
-    let json = out
+    // GVariant text: ('<json>',), or ("<json>",) when the text holds a single quote; inside,
+    // a backslash escapes the next character (the JSON has no raw control characters).
+    let quoted = out
         .trim()
-        .strip_prefix("('")
-        .and_then(|s| s.strip_suffix("',)"))
+        .strip_prefix('(')
+        .and_then(|s| s.strip_suffix(",)"))
+        .filter(|s| s.len() >= 2 && (s.starts_with('\'') || s.starts_with('"')))
         .unwrap_or_else(|| panic!("gdbus output {out:?}"));
-    let got: Value = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {json}"));
-    if !want.text.contains(['\'', '\\', '\n']) {
-        assert_eq!(got["text"], want.text.as_str(), "{out}");
+    let mut json = String::new();
+    let mut chars = quoted[1..quoted.len() - 1].chars();
+    while let Some(c) = chars.next() {
+        json.push(if c == '\\' {
+            chars.next().unwrap_or(c)
+        } else {
+            c
+        });
     }
+    let got: Value = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}"));
+    assert_eq!(got["text"], want.text.as_str(), "{out}");
     assert_eq!(
         got["usage"]["completion_tokens"],
         want.usage.completion_tokens
