@@ -94,11 +94,13 @@ fn stop_strings_end_generation_and_are_not_included() {
         "--max-tokens",
         "24",
         "--stop",
-        "United",
+        "\n\n",
         "--json",
     ]));
-    // llama.cpp's greedy continuation is " Paris.\n\nThe United States has ...".
-    assert_eq!(out["text"].as_str().unwrap(), " Paris.\n\nThe ");
+    // llama.cpp's greedy continuation is " Paris.\n\nThe United States has ...". Each token up
+    // to the blank line wins by over 1.2 logits, ours and llama.cpp's alike; after "The" the
+    // top two are 0.1-0.2 apart, where any other float rounding may pick the other.
+    assert_eq!(out["text"].as_str().unwrap(), " Paris.");
 }
 
 #[test]
