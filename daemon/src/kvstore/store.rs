@@ -2716,6 +2716,15 @@ impl KvStore {
         self.io.submitted()
     }
 
+    /// Runs `write` on the store's I/O thread after every write queued so far; it counts in
+    /// [`Self::write_mark`] like them (a file of the caller's that a reply must wait for).
+    pub fn submit_write(&self, write: impl FnOnce() + Send + 'static) {
+        self.io.submit(move || {
+            write();
+            None
+        });
+    }
+
     /// Whether every write up to `mark` has run; never blocks.
     pub fn is_written(&self, mark: u64) -> bool {
         self.io.completed() >= mark

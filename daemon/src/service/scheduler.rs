@@ -200,7 +200,7 @@ pub(crate) struct Scheduler {
     store: KvStore,
     tokenizer: Arc<Tokenizer>,
     template: Option<ChatTemplate>,
-    transcripts: TranscriptStore,
+    transcripts: Arc<TranscriptStore>,
     cfg: ServiceConfig,
     metrics: Arc<Metrics>,
     /// Removes a finished request from the service's table of cancellable requests.
@@ -332,7 +332,7 @@ impl Scheduler {
         forget: Forget,
     ) -> Self {
         let Accounting { quotas, meter } = accounting;
-        let transcripts = TranscriptStore::new(&store.config().state_dir);
+        let transcripts = Arc::new(TranscriptStore::new(&store.config().state_dir));
         let quantum = cfg.quantum_tokens as u64;
         let s = Self {
             store,
@@ -551,7 +551,8 @@ impl Scheduler {
                     )));
                 }
                 self.store.delete(&owner, &id).map_err(api_error)?;
-                self.transcripts.delete(&owner, &id);
+                self.store
+                    .submit_write(self.transcripts.delete_later(&owner, &id));
                 self.quotas.forget_context(&owner, &id);
                 Ok(Response::Ok)
             }
@@ -1270,7 +1271,9 @@ impl Scheduler {
             self.store.abort_session(session);
             let _ = self.store.delete(&owner, &r.ctx);
         } else {
+            let t_close = Instant::now();
             let closed = self.store.close_session(session);
+            let close_ms = t_close.elapsed().as_secs_f64() * 1e3;
             // Saving the context's changed chunks ahead of time is the call's cost too.
             let spent = self.meter.read() - e0;
             r.energy_j += spent;
@@ -1288,11 +1291,13 @@ impl Scheduler {
                 self.fail_job(&r.job, e);
                 return;
             }
+            // Written on the I/O thread after the context's chunks, before the reply goes
+            // out (`reply_when_written` below); a lost transcript would only cost a recompute
+            // of the next turn.
             let t = std::mem::take(&mut r.transcript).with_reply(&r.gen.text);
-            if let Err(e) = self.transcripts.save(&owner, &r.ctx, &t) {
-                // The KV is saved; a lost transcript costs a recompute of the next turn.
-                tracing::warn!(owner, ctx = r.ctx, error = %e, "saving the transcript failed");
-            }
+            self.store
+                .submit_write(self.transcripts.save_later(&owner, &r.ctx, t));
+            tracing::debug!(close_ms, "closed a call");
         }
         let now = Instant::now();
         let first = r.first_token.unwrap_or(now);

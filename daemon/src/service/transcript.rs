@@ -6,7 +6,8 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use llmsd_engine::chat::{ChatMessage as TemplateMessage, ChatTemplate};
 use llmsd_engine::tokenizer::Tokenizer;
@@ -201,12 +202,22 @@ impl Renderer<'_> {
     }
 }
 
-/// Transcripts on disk: `<dir>/<hex owner>/<context>.json`, each replaced atomically. One
-/// that could not be written (a full disk) is kept in memory, read from there, and written
-/// with the next save that succeeds.
+/// Transcripts on disk: `<dir>/<hex owner>/<context>.json`, each replaced atomically. A
+/// transcript whose write is queued ([`Self::save_later`]) or failed (a full disk) is kept in
+/// memory and read from there; a failed one is written with the next save that succeeds.
 pub struct TranscriptStore {
     dir: PathBuf,
-    unsaved: Mutex<HashMap<PathBuf, Transcript>>,
+    unsaved: Mutex<HashMap<PathBuf, Unsaved>>,
+    /// Numbers the saves, so a queued write knows whether a later save superseded it.
+    saves: AtomicU64,
+}
+
+/// A transcript not (yet) on disk.
+struct Unsaved {
+    save: u64,
+    transcript: Transcript,
+    /// Its write was tried and failed (rather than queued).
+    failed: bool,
 }
 
 impl TranscriptStore {
@@ -214,6 +225,7 @@ impl TranscriptStore {
         Self {
             dir: state_dir.join("transcripts"),
             unsaved: Mutex::new(HashMap::new()),
+            saves: AtomicU64::new(0),
         }
     }
 
@@ -222,7 +234,7 @@ impl TranscriptStore {
         self.dir.join(hex).join(format!("{ctx}.json"))
     }
 
-    fn unsaved(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, Transcript>> {
+    fn unsaved(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, Unsaved>> {
         self.unsaved.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -230,8 +242,8 @@ impl TranscriptStore {
     /// works: its next turn is recomputed from where the texts diverge).
     pub fn load(&self, owner: &str, ctx: &str) -> Transcript {
         let path = self.path(owner, ctx);
-        if let Some(t) = self.unsaved().get(&path) {
-            return t.clone();
+        if let Some(u) = self.unsaved().get(&path) {
+            return u.transcript.clone();
         }
         match durable::read_json::<Transcript>(&path) {
             Ok(Some(t)) => t,
@@ -243,7 +255,7 @@ impl TranscriptStore {
         }
     }
 
-    /// Writes `t`, and any transcript an earlier save could not write. On failure `t` is
+    /// Writes `t` now, and any transcript an earlier write could not write. On failure `t` is
     /// kept in memory (and the error returned for the log).
     pub fn save(&self, owner: &str, ctx: &str, t: &Transcript) -> Result<(), DurableError> {
         let path = self.path(owner, ctx);
@@ -254,7 +266,8 @@ impl TranscriptStore {
                 unsaved.remove(&path);
                 let retry: Vec<(PathBuf, Transcript)> = unsaved
                     .iter()
-                    .map(|(p, t)| (p.clone(), t.clone()))
+                    .filter(|(_, u)| u.failed)
+                    .map(|(p, u)| (p.clone(), u.transcript.clone()))
                     .collect();
                 for (p, t) in retry {
                     if self.write(&p, &t).is_ok() {
@@ -263,10 +276,71 @@ impl TranscriptStore {
                 }
             }
             Err(_) => {
-                unsaved.insert(path, t.clone());
+                let save = self.saves.fetch_add(1, Ordering::Relaxed);
+                let transcript = t.clone();
+                let failed = true;
+                unsaved.insert(
+                    path,
+                    Unsaved {
+                        save,
+                        transcript,
+                        failed,
+                    },
+                );
             }
         }
         result
+    }
+
+    /// Makes `t` the context's transcript at once (in memory) and returns its write, to run
+    /// off the engine thread (an fsync can take hundreds of milliseconds). The write does
+    /// nothing if a later save or a delete came first.
+    pub fn save_later(
+        self: &Arc<Self>,
+        owner: &str,
+        ctx: &str,
+        t: Transcript,
+    ) -> impl FnOnce() + Send + 'static {
+        let path = self.path(owner, ctx);
+        let save = self.saves.fetch_add(1, Ordering::Relaxed);
+        let pending = Unsaved {
+            save,
+            transcript: t,
+            failed: false,
+        };
+        self.unsaved().insert(path.clone(), pending);
+        let store = Arc::clone(self);
+        move || store.write_queued(&path, save)
+    }
+
+    /// The write of [`Self::save_later`]'s save number `save` of `path`.
+    fn write_queued(&self, path: &Path, save: u64) {
+        let current = |u: &HashMap<PathBuf, Unsaved>| u.get(path).is_some_and(|u| u.save == save);
+        let Some(t) = self
+            .unsaved()
+            .get(path)
+            .filter(|u| u.save == save)
+            .map(|u| u.transcript.clone())
+        else {
+            return;
+        };
+        let result = self.write(path, &t);
+        let mut unsaved = self.unsaved();
+        if !current(&unsaved) {
+            return;
+        }
+        match result {
+            Ok(()) => {
+                unsaved.remove(path);
+            }
+            Err(e) => {
+                // Kept in memory; the next successful save writes it.
+                tracing::warn!(path = %path.display(), error = %e, "saving the transcript failed");
+                if let Some(u) = unsaved.get_mut(path) {
+                    u.failed = true;
+                }
+            }
+        }
     }
 
     fn write(&self, path: &Path, t: &Transcript) -> Result<(), DurableError> {
@@ -277,9 +351,77 @@ impl TranscriptStore {
         durable::write_json_atomic(path, t)
     }
 
-    pub fn delete(&self, owner: &str, ctx: &str) {
+    /// Forgets the context's transcript at once and returns the removal of its file, to run
+    /// after any write of it already queued.
+    pub fn delete_later(&self, owner: &str, ctx: &str) -> impl FnOnce() + Send + 'static {
         let path = self.path(owner, ctx);
         self.unsaved().remove(&path);
-        let _ = std::fs::remove_file(path);
+        move || {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(text: &str) -> Transcript {
+        Transcript::Chat {
+            messages: vec![ChatMessage::new("user", text)],
+        }
+    }
+
+    /// A queued save is what `load` returns at once; its write lands it on disk; a write
+    /// superseded by a later save, or by a delete, writes nothing.
+    #[test]
+    fn queued_saves_are_read_at_once_and_written_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(TranscriptStore::new(dir.path()));
+        let file = store.path("app", "ctx-1");
+
+        let first = store.save_later("app", "ctx-1", chat("one"));
+        assert_eq!(store.load("app", "ctx-1"), chat("one"));
+        assert!(!file.exists(), "written before its write ran");
+        let second = store.save_later("app", "ctx-1", chat("two"));
+        first();
+        assert!(!file.exists(), "a superseded write wrote");
+        assert_eq!(store.load("app", "ctx-1"), chat("two"));
+        second();
+        assert!(file.exists());
+        assert!(store.unsaved().is_empty());
+        // Read back from disk now.
+        assert_eq!(store.load("app", "ctx-1"), chat("two"));
+
+        let third = store.save_later("app", "ctx-1", chat("three"));
+        let delete = store.delete_later("app", "ctx-1");
+        assert_eq!(
+            store.load("app", "ctx-1"),
+            chat("two"),
+            "from disk until removed"
+        );
+        third();
+        delete();
+        assert!(!file.exists());
+        assert_eq!(store.load("app", "ctx-1"), Transcript::Empty);
+    }
+
+    /// A queued write that fails keeps the transcript in memory, readable; the next save that
+    /// succeeds writes it too.
+    #[test]
+    fn a_failed_queued_write_is_kept_and_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(TranscriptStore::new(dir.path()));
+        // A file where the owner's directory must go: every write under it fails.
+        std::fs::create_dir_all(&store.dir).unwrap();
+        let owner_dir = store.path("app", "x").parent().unwrap().to_path_buf();
+        std::fs::write(&owner_dir, b"in the way").unwrap();
+        store.save_later("app", "ctx-1", chat("kept"))();
+        assert_eq!(store.load("app", "ctx-1"), chat("kept"));
+        assert!(store.unsaved().values().all(|u| u.failed));
+        std::fs::remove_file(&owner_dir).unwrap();
+        store.save("other", "ctx-2", &chat("x")).unwrap();
+        assert!(store.unsaved().is_empty());
+        assert!(store.path("app", "ctx-1").exists());
     }
 }
