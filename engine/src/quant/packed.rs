@@ -284,7 +284,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::STRIP;
-    use crate::quant::panel::x86::{run_packed, Kind};
+    use crate::quant::panel::x86::{run_packed, sub_block_sums, Kind};
 
     /// Token counts up to this take [`small`]; more go to the panel kernel. `small` is the
     /// faster of the two up to about 32 tokens (decode_prof, SmolLM2, 2 threads: 9 tokens 24
@@ -450,7 +450,6 @@ mod x86 {
                 a: &[*const u8; N],
                 sc: &[&[[f32; 4]]; N],
             ) -> [[f32; STRIP]; N] {
-                let ones = _mm256_set1_epi16(1);
                 let mut acc = [_mm256_setzero_ps(); N];
                 let aq = K::act_quants(0);
                 for b in 0..nb {
@@ -468,41 +467,9 @@ mod x86 {
                         v
                     };
                     for t in 0..N {
-                        let ap = a[t].add(b * K::A_BYTES + aq);
-                        // SAFETY (caller): 32 quants at `ap`.
-                        let y = |k: usize| {
-                            let y = _mm256_set1_epi32(std::ptr::read_unaligned(
-                                ap.add(4 * k).cast::<i32>(),
-                            ));
-                            if K::SIGNED {
-                                _mm256_sign_epi8(y, v[k])
-                            } else {
-                                y
-                            }
-                        };
-                        let isum = if $vnni {
-                            // Two chains, so consecutive `vpdpbusd`s do not wait on each other.
-                            let mut s = [_mm256_setzero_si256(); 2];
-                            for k in 0..8 {
-                                s[k & 1] = _mm256_dpbusd_epi32(s[k & 1], u[k], y(k));
-                            }
-                            _mm256_add_epi32(s[0], s[1])
-                        } else {
-                            let mut isum = _mm256_setzero_si256();
-                            let mut s16 = _mm256_setzero_si256();
-                            for k in 0..8 {
-                                let pr = _mm256_maddubs_epi16(u[k], y(k));
-                                s16 = if k % K::DEPTH == 0 {
-                                    pr
-                                } else {
-                                    _mm256_add_epi16(s16, pr)
-                                };
-                                if (k + 1) % K::DEPTH == 0 {
-                                    isum = _mm256_add_epi32(isum, _mm256_madd_epi16(s16, ones));
-                                }
-                            }
-                            isum
-                        };
+                        // SAFETY (caller): 32 quants at `a[t] + b·A_BYTES + aq`.
+                        let [isum, _] =
+                            sub_block_sums!($vnni, K, &u, &v, a[t].add(b * K::A_BYTES + aq));
                         // d·(d_a·Σ), then m·c: the same float operations in the same order as
                         // the panel kernel's `strip_dot`, so both give the same bits.
                         let s = &sc[t][b];

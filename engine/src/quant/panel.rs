@@ -565,6 +565,61 @@ pub(super) mod x86 {
         }
     }
 
+    /// The integer sums of one 32-element sub-block against one token: panel vectors `u`
+    /// (the weights as unsigned bytes; their magnitudes for signed kinds, whose signs, from `v`,
+    /// move onto the activations) against the 32 activation quants at `ap`. Returns
+    /// `[sums, 0]`, or the two 16-element halves' sums for `SPLIT` kinds. `$vnni`: `vpdpbusd`
+    /// (AVX-512 VNNI); else `maddubs` summed in i16 as deep as `K::DEPTH` allows, then `madd`.
+    /// Both give the same integers. Expands inside an `unsafe fn` with the matching target
+    /// features; 32 quants must be readable at `ap`.
+    macro_rules! sub_block_sums {
+        ($vnni:literal, $K:ty, $u:expr, $v:expr, $ap:expr) => {{
+            let (u, v, ap): (&[__m256i; 8], &[__m256i; 8], *const u8) = ($u, $v, $ap);
+            let y = |k: usize| {
+                // SAFETY (caller): 32 quants at `ap`.
+                let y = _mm256_set1_epi32(std::ptr::read_unaligned(ap.add(4 * k).cast::<i32>()));
+                if <$K>::SIGNED {
+                    _mm256_sign_epi8(y, v[k])
+                } else {
+                    y
+                }
+            };
+            let mut isum = [_mm256_setzero_si256(); 2];
+            if $vnni {
+                if <$K>::SPLIT {
+                    for k in 0..8 {
+                        let h = usize::from(k >= 4);
+                        isum[h] = _mm256_dpbusd_epi32(isum[h], u[k], y(k));
+                    }
+                } else {
+                    // Two chains, so consecutive `vpdpbusd`s do not wait on each other.
+                    let mut s = [_mm256_setzero_si256(); 2];
+                    for k in 0..8 {
+                        s[k & 1] = _mm256_dpbusd_epi32(s[k & 1], u[k], y(k));
+                    }
+                    isum[0] = _mm256_add_epi32(s[0], s[1]);
+                }
+            } else {
+                let ones = _mm256_set1_epi16(1);
+                let mut s16 = _mm256_setzero_si256();
+                for k in 0..8 {
+                    let pr = _mm256_maddubs_epi16(u[k], y(k));
+                    s16 = if k % <$K>::DEPTH == 0 {
+                        pr
+                    } else {
+                        _mm256_add_epi16(s16, pr)
+                    };
+                    if (k + 1) % <$K>::DEPTH == 0 || (<$K>::SPLIT && k == 3) {
+                        let h = usize::from(<$K>::SPLIT && k >= 4);
+                        isum[h] = _mm256_add_epi32(isum[h], _mm256_madd_epi16(s16, ones));
+                    }
+                }
+            }
+            isum
+        }};
+    }
+    pub(crate) use sub_block_sums;
+
     /// Defines a panel dot kernel: `res[t]` lane `r` = Σ over sub-blocks `0..ng` of panel row
     /// `r` · token `t`, for the `T` tokens whose quants (chunk start) are at `a[t]` (`A_BYTES`
     /// per block) and whose converted scales are `asc[t·PG + g]`. `strip_dot` multiplies with
@@ -584,7 +639,6 @@ pub(super) mod x86 {
                 asc: &[[f32; 4]],
             ) -> [[f32; PR]; T] {
                 let spb = K::BLOCK / 32;
-                let ones = _mm256_set1_epi16(1);
                 let mut acc = [_mm256_setzero_ps(); T];
                 debug_assert!(asc.len() >= T * PG && ng <= PG);
                 for g in 0..ng.min(PG) {
@@ -602,51 +656,8 @@ pub(super) mod x86 {
                     let ld = |c: usize| _mm256_load_ps(p.s[g][c].as_ptr());
                     let (d8, m8) = (ld(0), ld(1));
                     for t in 0..T {
-                        let ap = a[t].add(aoff);
-                        // SAFETY (caller): 32 quants at `ap`.
-                        let y = |k: usize| {
-                            let y = _mm256_set1_epi32(std::ptr::read_unaligned(
-                                ap.add(4 * k).cast::<i32>(),
-                            ));
-                            if K::SIGNED {
-                                _mm256_sign_epi8(y, v[k])
-                            } else {
-                                y
-                            }
-                        };
-                        // isum[1]: the second half's sum when the scales cover 16 elements.
-                        let mut isum = [_mm256_setzero_si256(); 2];
-                        if $vnni {
-                            if K::SPLIT {
-                                for k in 0..8 {
-                                    let h = usize::from(k >= 4);
-                                    isum[h] = _mm256_dpbusd_epi32(isum[h], u[k], y(k));
-                                }
-                            } else {
-                                // Two chains, so consecutive `vpdpbusd`s do not wait on each
-                                // other.
-                                let mut s = [_mm256_setzero_si256(); 2];
-                                for k in 0..8 {
-                                    s[k & 1] = _mm256_dpbusd_epi32(s[k & 1], u[k], y(k));
-                                }
-                                isum[0] = _mm256_add_epi32(s[0], s[1]);
-                            }
-                        } else {
-                            let mut s16 = _mm256_setzero_si256();
-                            for k in 0..8 {
-                                let pr = _mm256_maddubs_epi16(u[k], y(k));
-                                s16 = if k % K::DEPTH == 0 {
-                                    pr
-                                } else {
-                                    _mm256_add_epi16(s16, pr)
-                                };
-                                if (k + 1) % K::DEPTH == 0 || (K::SPLIT && k == 3) {
-                                    let h = usize::from(K::SPLIT && k >= 4);
-                                    isum[h] =
-                                        _mm256_add_epi32(isum[h], _mm256_madd_epi16(s16, ones));
-                                }
-                            }
-                        }
+                        // SAFETY (caller): 32 quants at `a[t] + aoff`.
+                        let isum = sub_block_sums!($vnni, K, &u, &v, a[t].add(aoff));
                         let sc = &asc[t * PG + g];
                         let da = _mm256_set1_ps(sc[0]);
                         acc[t] = _mm256_fmadd_ps(
