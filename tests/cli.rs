@@ -105,16 +105,22 @@ fn stop_strings_end_generation_and_are_not_included() {
 
 #[test]
 fn logits_gives_sorted_top_k_per_position() {
-    let out = json(&llmsd(&[
-        "logits",
-        "--model",
-        &smollm2(),
-        "--ids",
-        "504,3575,282,4649,314",
-        "--top",
-        "3",
-        "--json",
-    ]));
+    let model = smollm2();
+    let logits = |more: &[&str]| {
+        let mut args = vec![
+            "logits",
+            "--model",
+            &model,
+            "--ids",
+            "504,3575,282,4649,314",
+            "--top",
+            "3",
+            "--json",
+        ];
+        args.extend_from_slice(more);
+        json(&llmsd(&args))
+    };
+    let out = logits(&[]);
     let rows = out.as_array().unwrap();
     assert_eq!(rows.len(), 5);
     for r in rows {
@@ -131,19 +137,7 @@ fn logits_gives_sorted_top_k_per_position() {
     assert_eq!(ids(&rows[4]["ids"])[0], 7042);
     // Token by token (the decode path), and in slices of 2: the same figures, to the digit.
     for step in ["1", "2"] {
-        let sliced = json(&llmsd(&[
-            "logits",
-            "--model",
-            &smollm2(),
-            "--ids",
-            "504,3575,282,4649,314",
-            "--top",
-            "3",
-            "--step",
-            step,
-            "--json",
-        ]));
-        assert_eq!(sliced, out, "--step {step}");
+        assert_eq!(logits(&["--step", step]), out, "--step {step}");
     }
     let err = llmsd_fails(&["logits", "--model", &smollm2(), "--ids", "1", "--step", "0"]);
     assert!(err.contains("--step"), "{err}");

@@ -284,7 +284,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::STRIP;
-    use crate::quant::panel::x86::{run_packed, sub_block_sums, Kind};
+    use crate::quant::panel::x86::{add_scaled, run_packed, sub_block_sums, Kind};
 
     /// Token counts up to this take [`small`]; more go to the panel kernel. `small` is the
     /// faster of the two up to about 32 tokens (decode_prof, SmolLM2, 2 threads: 9 tokens 24
@@ -470,15 +470,9 @@ mod x86 {
                         // SAFETY (caller): 32 quants at `a[t] + b·A_BYTES + aq`.
                         let [isum, _] =
                             sub_block_sums!($vnni, K, &u, &v, a[t].add(b * K::A_BYTES + aq));
-                        // d·(d_a·Σ), then m·c: the same float operations in the same order as
-                        // the panel kernel's `strip_dot`, so both give the same bits.
                         let s = &sc[t][b];
-                        let f = _mm256_cvtepi32_ps(isum);
-                        acc[t] =
-                            _mm256_fmadd_ps(f, _mm256_mul_ps(d8, _mm256_set1_ps(s[0])), acc[t]);
-                        if K::HAS_M {
-                            acc[t] = _mm256_fmadd_ps(m8, _mm256_set1_ps(s[1]), acc[t]);
-                        }
+                        let da = _mm256_set1_ps(s[0]);
+                        acc[t] = add_scaled!(K, acc[t], isum, d8, da, m8, s[1]);
                     }
                 }
                 let mut res = [[0.0f32; STRIP]; N];

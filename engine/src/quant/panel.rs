@@ -620,6 +620,22 @@ pub(super) mod x86 {
     }
     pub(crate) use sub_block_sums;
 
+    /// `acc + Σ·(d·d_a) + m·c` for one sub-block: its integer sums `isum` scaled by the rows'
+    /// scales `d8` and the activation's `d_a` (`da`, broadcast), then, for kinds with a min
+    /// term, the rows' `m8` times the activation constant `c`. The one float sequence of both
+    /// kernels (`strip_dot` here, `strip` in `packed`): in this order they give the same bits.
+    macro_rules! add_scaled {
+        ($K:ty, $acc:expr, $isum:expr, $d8:expr, $da:expr, $m8:expr, $c:expr) => {{
+            let acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps($isum), _mm256_mul_ps($d8, $da), $acc);
+            if <$K>::HAS_M {
+                _mm256_fmadd_ps($m8, _mm256_set1_ps($c), acc)
+            } else {
+                acc
+            }
+        }};
+    }
+    pub(crate) use add_scaled;
+
     /// Defines a panel dot kernel: `res[t]` lane `r` = Σ over sub-blocks `0..ng` of panel row
     /// `r` · token `t`, for the `T` tokens whose quants (chunk start) are at `a[t]` (`A_BYTES`
     /// per block) and whose converted scales are `asc[t·PG + g]`. `strip_dot` multiplies with
@@ -660,22 +676,11 @@ pub(super) mod x86 {
                         let isum = sub_block_sums!($vnni, K, &u, &v, a[t].add(aoff));
                         let sc = &asc[t * PG + g];
                         let da = _mm256_set1_ps(sc[0]);
-                        acc[t] = _mm256_fmadd_ps(
-                            _mm256_cvtepi32_ps(isum[0]),
-                            _mm256_mul_ps(d8, da),
-                            acc[t],
-                        );
-                        if K::HAS_M {
-                            acc[t] = _mm256_fmadd_ps(m8, _mm256_set1_ps(sc[1]), acc[t]);
-                        }
+                        acc[t] = add_scaled!(K, acc[t], isum[0], d8, da, m8, sc[1]);
                         if K::SPLIT {
+                            // The second half's scales (SPLIT kinds have a min term).
                             let (d8b, m8b) = (ld(2), ld(3));
-                            acc[t] = _mm256_fmadd_ps(
-                                _mm256_cvtepi32_ps(isum[1]),
-                                _mm256_mul_ps(d8b, da),
-                                acc[t],
-                            );
-                            acc[t] = _mm256_fmadd_ps(m8b, _mm256_set1_ps(sc[2]), acc[t]);
+                            acc[t] = add_scaled!(K, acc[t], isum[1], d8b, da, m8b, sc[2]);
                         }
                     }
                 }
