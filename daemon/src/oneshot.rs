@@ -308,8 +308,9 @@ fn for_each_position_logits(
     let vocab = l.model.config.vocab_size;
     let mut kv = ContiguousKv::new(l.model.kv_shape(), ids.len());
     let mut scratch = Scratch::default();
-    for (chunk_idx, chunk) in ids.chunks(step.max(1)).enumerate() {
-        let start = chunk_idx * step.max(1);
+    let step = step.max(1);
+    for (chunk_idx, chunk) in ids.chunks(step).enumerate() {
+        let start = chunk_idx * step;
         let logits = l.model.forward(
             &l.pool,
             &mut [SeqBatch {

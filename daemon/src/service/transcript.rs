@@ -264,32 +264,36 @@ impl TranscriptStore {
         match &result {
             Ok(()) => {
                 unsaved.remove(&path);
-                let retry: Vec<(PathBuf, Transcript)> = unsaved
-                    .iter()
-                    .filter(|(_, u)| u.failed)
-                    .map(|(p, u)| (p.clone(), u.transcript.clone()))
-                    .collect();
-                for (p, t) in retry {
-                    if self.write(&p, &t).is_ok() {
-                        unsaved.remove(&p);
-                    }
-                }
+                self.retry_failed(&mut unsaved);
             }
             Err(_) => {
                 let save = self.saves.fetch_add(1, Ordering::Relaxed);
                 let transcript = t.clone();
-                let failed = true;
                 unsaved.insert(
                     path,
                     Unsaved {
                         save,
                         transcript,
-                        failed,
+                        failed: true,
                     },
                 );
             }
         }
         result
+    }
+
+    /// Writes the transcripts whose writes failed (the disk had room again for another).
+    fn retry_failed(&self, unsaved: &mut HashMap<PathBuf, Unsaved>) {
+        let retry: Vec<(PathBuf, Transcript)> = unsaved
+            .iter()
+            .filter(|(_, u)| u.failed)
+            .map(|(p, u)| (p.clone(), u.transcript.clone()))
+            .collect();
+        for (p, t) in retry {
+            if self.write(&p, &t).is_ok() {
+                unsaved.remove(&p);
+            }
+        }
     }
 
     /// Makes `t` the context's transcript at once (in memory) and returns its write, to run
@@ -315,23 +319,23 @@ impl TranscriptStore {
 
     /// The write of [`Self::save_later`]'s save number `save` of `path`.
     fn write_queued(&self, path: &Path, save: u64) {
-        let current = |u: &HashMap<PathBuf, Unsaved>| u.get(path).is_some_and(|u| u.save == save);
-        let Some(t) = self
-            .unsaved()
-            .get(path)
-            .filter(|u| u.save == save)
-            .map(|u| u.transcript.clone())
-        else {
+        let queued = |u: &HashMap<PathBuf, Unsaved>| {
+            u.get(path)
+                .filter(|u| u.save == save)
+                .map(|u| u.transcript.clone())
+        };
+        let Some(t) = queued(&self.unsaved()) else {
             return;
         };
         let result = self.write(path, &t);
         let mut unsaved = self.unsaved();
-        if !current(&unsaved) {
+        if unsaved.get(path).is_none_or(|u| u.save != save) {
             return;
         }
         match result {
             Ok(()) => {
                 unsaved.remove(path);
+                self.retry_failed(&mut unsaved);
             }
             Err(e) => {
                 // Kept in memory; the next successful save writes it.
@@ -423,5 +427,16 @@ mod tests {
         store.save("other", "ctx-2", &chat("x")).unwrap();
         assert!(store.unsaved().is_empty());
         assert!(store.path("app", "ctx-1").exists());
+
+        // The same with the next queued write (a turn's) doing the retry.
+        std::fs::remove_dir_all(&owner_dir).unwrap();
+        std::fs::write(&owner_dir, b"in the way").unwrap();
+        store.save_later("app", "ctx-3", chat("kept too"))();
+        assert!(store.unsaved().values().all(|u| u.failed));
+        std::fs::remove_file(&owner_dir).unwrap();
+        store.save_later("other", "ctx-2", chat("y"))();
+        assert!(store.unsaved().is_empty());
+        assert_eq!(store.load("app", "ctx-3"), chat("kept too"));
+        assert!(store.path("app", "ctx-3").exists());
     }
 }
