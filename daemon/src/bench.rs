@@ -58,8 +58,10 @@ fn single_stream(l: &Loaded, prompt: &[u32], gen: usize) -> Result<(f64, f64)> {
     let mut scratch = Scratch::default();
     let t0 = Instant::now();
     // In slices, each sealed to f16 as it completes, as the context store prefills: later
-    // slices attend to f16 chunks.
+    // slices attend to f16 chunks. Only the last slice's last token needs logits (the
+    // scheduler asks for no others; for Gemma-3 each would read the 262k-row output head).
     let mut logits = Vec::new();
+    let n_slices = prompt.len().div_ceil(PREFILL_SLICE);
     for (k, part) in prompt.chunks(PREFILL_SLICE).enumerate() {
         let out = l.model.forward(
             &l.pool,
@@ -67,7 +69,11 @@ fn single_stream(l: &Loaded, prompt: &[u32], gen: usize) -> Result<(f64, f64)> {
                 tokens: part,
                 start_pos: k * PREFILL_SLICE,
                 kv: &mut kv,
-                logits: Logits::Last,
+                logits: if k + 1 == n_slices {
+                    Logits::Last
+                } else {
+                    Logits::None
+                },
             }],
             &mut scratch,
         )?;

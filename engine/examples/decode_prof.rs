@@ -19,11 +19,22 @@ use llmsd_engine::sampling::argmax;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
-fn seal_f16(kv: &mut ChunkedKv) -> Res<()> {
+/// The precision full chunks are sealed at: `LLMSD_KV_PRECISION` (f16, int8, int4, int2), f16
+/// by default.
+fn sealed_precision() -> Precision {
+    match std::env::var("LLMSD_KV_PRECISION").as_deref() {
+        Ok("int8") => Precision::Int8,
+        Ok("int4") => Precision::Int4,
+        Ok("int2") => Precision::Int2,
+        _ => Precision::F16,
+    }
+}
+
+fn seal(kv: &mut ChunkedKv) -> Res<()> {
     for i in 0..kv.len() / CHUNK_TOKENS {
         if let Some(slot) = kv.slot_mut(i) {
             if let ChunkSlot::Staged(st) = slot {
-                *slot = ChunkSlot::Sealed(Arc::new(SealedChunk::quantize(st, Precision::F16)?));
+                *slot = ChunkSlot::Sealed(Arc::new(SealedChunk::quantize(st, sealed_precision())?));
             }
         }
     }
@@ -33,19 +44,23 @@ fn seal_f16(kv: &mut ChunkedKv) -> Res<()> {
 fn prefill(model: &Model, pool: &ThreadPool, ids: &[u32], kv: &mut ChunkedKv) -> Res<u32> {
     let mut scratch = Scratch::default();
     let mut next = 0;
+    let n_slices = ids.len().div_ceil(64);
     for (k, part) in ids.chunks(64).enumerate() {
+        let last = k + 1 == n_slices;
         let out = model.forward(
             pool,
             &mut [SeqBatch {
                 tokens: part,
                 start_pos: k * 64,
                 kv,
-                logits: Logits::Last,
+                logits: if last { Logits::Last } else { Logits::None },
             }],
             &mut scratch,
         )?;
-        next = argmax(out);
-        seal_f16(kv)?;
+        if last {
+            next = argmax(out);
+        }
+        seal(kv)?;
     }
     Ok(next)
 }
@@ -118,7 +133,7 @@ fn main() -> Res<()> {
             }
         }
         kv.set_len(ctx);
-        seal_f16(&mut kv)?;
+        seal(&mut kv)?;
         1
     } else {
         prefill(&model, &pool, &ids, &mut kv)?
@@ -172,10 +187,10 @@ fn main() -> Res<()> {
             *n = argmax(row);
         }
         for kv in caches.iter_mut() {
-            seal_f16(kv)?;
+            seal(kv)?;
         }
         if mode == "mixed" {
-            seal_f16(&mut pkv)?;
+            seal(&mut pkv)?;
         }
     }
     let s = t.elapsed().as_secs_f64();

@@ -10,7 +10,7 @@ mod ops;
 mod weights;
 
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Mutex, TryLockError};
 
 pub use config::{Activation, Arch, ConfigError, ModelConfig, RopeStyle};
 pub use ops::Matrix;
@@ -464,31 +464,42 @@ impl Model {
         let window = if sliding { cfg.sliding_window } else { None };
         let (q, tokens, scores) = (&s.q, &s.tokens, &s.scores);
         let out = DisjointSlice::new(s.att.as_mut_slice());
-        pool.run(&|idx, n_threads| {
-            let mut scratch = scores[idx].lock().unwrap_or_else(|e| e.into_inner());
-            // Interleaved: under the causal mask later tokens see more keys, so contiguous
-            // halves would give the last thread most of the work.
-            for item in (idx..n * splits).step_by(n_threads) {
-                let (t, part) = (item / splits, item % splits);
-                let (seq, pos) = tokens[t];
-                let heads = crate::pool::split_range(cfg.n_heads, splits, part);
-                let query = AttnQuery {
-                    layer,
-                    pos,
-                    window,
-                    heads: heads.clone(),
-                    q: &q[t * q_dim..(t + 1) * q_dim],
-                    n_heads: cfg.n_heads,
-                    // A sequence's lone decode token reads its cache once.
-                    prefetch: batch[seq].tokens.len() == 1,
-                };
-                let vhd = cfg.v_head_dim;
-                let span = t * att_dim + heads.start * vhd..t * att_dim + heads.end * vhd;
-                // SAFETY: work item (t, part) is owned by one thread, and its span (the heads
-                // of `part` within token t's row) overlaps no other item's.
-                let dst = unsafe { out.slice_mut(span) };
-                batch[seq].kv.attend(&query, dst, &mut scratch);
-            }
+        // One task per (token, head part), claimed by whichever thread is free, so a thread
+        // that is late or slowed takes fewer; tasks are in token order and, under the causal
+        // mask, later tokens see more keys, so the largest come last and even out the end.
+        pool.run_tasks(n * splits, &|item, _| {
+            // At most `n_threads` tasks run at once and there are as many scratch buffers, so
+            // one is always free.
+            let mut scratch = loop {
+                let free = scores.iter().find_map(|m| match m.try_lock() {
+                    Ok(g) => Some(g),
+                    Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+                    Err(TryLockError::WouldBlock) => None,
+                });
+                if let Some(g) = free {
+                    break g;
+                }
+                std::hint::spin_loop();
+            };
+            let (t, part) = (item / splits, item % splits);
+            let (seq, pos) = tokens[t];
+            let heads = crate::pool::split_range(cfg.n_heads, splits, part);
+            let query = AttnQuery {
+                layer,
+                pos,
+                window,
+                heads: heads.clone(),
+                q: &q[t * q_dim..(t + 1) * q_dim],
+                n_heads: cfg.n_heads,
+                // A sequence's lone decode token reads its cache once.
+                prefetch: batch[seq].tokens.len() == 1,
+            };
+            let vhd = cfg.v_head_dim;
+            let span = t * att_dim + heads.start * vhd..t * att_dim + heads.end * vhd;
+            // SAFETY: work item (t, part) is owned by one thread, and its span (the heads
+            // of `part` within token t's row) overlaps no other item's.
+            let dst = unsafe { out.slice_mut(span) };
+            batch[seq].kv.attend(&query, dst, &mut scratch);
         });
     }
 }

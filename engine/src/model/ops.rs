@@ -86,9 +86,10 @@ const ROW_BLOCK: usize = 512;
 /// Tokens per kernel call: a block of quantized activations stays in L2 across row blocks.
 const TOK_BLOCK: usize = 64;
 
-/// Rows below which a row-wise op runs on the calling thread alone: dispatching it to the pool
-/// costs more than it saves (decode, small batches).
-const PAR_ROWS: usize = 16;
+/// Elements below which a row-wise op runs on the calling thread alone: dispatching it to the
+/// pool costs more than it saves (a decode token's norms and residual adds; a batch of 8
+/// sequences' SwiGLU, 8 × 1536 elements with an `exp` each, is worth splitting).
+const PAR_ELEMS: usize = 8192;
 
 /// Runs `f(rows, range)` over the rows of `x` (each `width` wide; `range` = the rows' indices),
 /// split into one contiguous block per pool thread when there are enough rows. Row-wise ops
@@ -102,7 +103,7 @@ pub fn par_rows(
 ) {
     let n = x.len().checked_div(width).unwrap_or(0);
     let parts = pool.n_threads().min(n);
-    if n < PAR_ROWS || parts <= 1 {
+    if n * width < PAR_ELEMS || parts <= 1 {
         f(x, 0..n);
         return;
     }
@@ -643,7 +644,7 @@ mod tests {
         let w: Vec<f32> = (0..width).map(|i| 0.5 + i as f32 / 7.0).collect();
         for threads in [1, 2, 3] {
             let pool = ThreadPool::new(threads).unwrap();
-            for n in [0, 1, PAR_ROWS - 1, PAR_ROWS, 37, 512] {
+            for n in [0, 1, PAR_ELEMS / width - 1, PAR_ELEMS / width, 400, 512] {
                 let src: Vec<f32> = (0..n * width)
                     .map(|i| ((i * 37) % 101) as f32 - 50.0)
                     .collect();
