@@ -3,6 +3,7 @@
 use std::sync::OnceLock;
 
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 use super::{layer_bytes, BlockLayout, ChunkError, Precision, CHUNK_TOKENS};
 use crate::kv::KvShape;
@@ -294,18 +295,9 @@ impl SealedChunk {
 /// Largest finite f16: scales and minimums are clamped so they stay finite.
 const F16_MAX: f32 = 65504.0;
 
-/// Scale and minimum of a group with extremes `lo..=hi`, rounded to f16, for `levels + 1`
-/// codes. Returns the f16 bits and their f32 values.
-#[inline]
-pub(crate) fn group_params(lo: f32, hi: f32, levels: u32) -> (f16, f16) {
-    let lo = lo.clamp(-F16_MAX, F16_MAX);
-    let hi = hi.clamp(-F16_MAX, F16_MAX);
-    let scale = ((hi - lo) / levels as f32).max(0.0);
-    (f16::from_f32(scale), f16::from_f32(lo))
-}
-
-/// The code of `x` in a group with f32 `scale` and `min` (both already f16-rounded).
-#[inline]
+/// The code of `x` in a group with f32 `scale` and `min` (both already f16-rounded): the
+/// definition [`codes_of`] is tested against.
+#[cfg(test)]
 pub(crate) fn code_of(x: f32, scale: f32, min: f32, levels: u32) -> u8 {
     if scale == 0.0 {
         return 0;
@@ -323,29 +315,94 @@ pub(crate) fn code_of(x: f32, scale: f32, min: f32, levels: u32) -> u8 {
     (i + u32::from(v - i as f32 >= 0.5)) as u8
 }
 
+/// [`code_of`] for up to 16 values (codes past `x.len()` are 0), written without branches
+/// per element so that it vectorizes; the same codes (`codes_of_matches_code_of`).
+#[inline(always)]
+pub(crate) fn codes_of(x: &[f32], scale: f32, min: f32, levels: u32) -> [u8; T] {
+    let mut out = [0u8; T];
+    if scale == 0.0 {
+        return out;
+    }
+    let top = levels as f32;
+    for (c, &x) in out.iter_mut().zip(x) {
+        let v = (x - min) / scale;
+        // NaN and v <= 0 give 0, v >= levels gives levels.
+        let r = if v > 0.0 { v } else { 0.0 };
+        let r = if r < top { r } else { top };
+        let i = r as i32;
+        *c = (i + i32::from(r - i as f32 >= 0.5)) as u8;
+    }
+    out
+}
+
 /// Packs 16 codes of `bits` bits into `out` (`2 * bits` bytes): code `i` goes to byte
 /// `i % (2 * bits)` at bit `bits * (i / (2 * bits))`.
-#[inline]
+#[inline(always)]
 pub(crate) fn pack_group(bits: u32, codes: &[u8; T], out: &mut [u8]) {
-    let gb = 2 * bits as usize;
-    out[..gb].fill(0);
-    for (i, &c) in codes.iter().enumerate() {
-        out[i % gb] |= c << (bits as usize * (i / gb));
+    match bits {
+        8 => pack_bits::<8>(codes, out),
+        4 => pack_bits::<4>(codes, out),
+        2 => pack_bits::<2>(codes, out),
+        _ => {
+            let gb = 2 * bits as usize;
+            out[..gb].fill(0);
+            for (i, &c) in codes.iter().enumerate() {
+                out[i % gb] |= c << (bits as usize * (i / gb));
+            }
+        }
+    }
+}
+
+/// [`pack_group`] with the width known at compile time (the shifts become constants).
+#[inline(always)]
+fn pack_bits<const B: usize>(codes: &[u8; T], out: &mut [u8]) {
+    let gb = 2 * B;
+    let out = &mut out[..gb];
+    out.copy_from_slice(&codes[..gb]);
+    for k in 1..T / gb {
+        for (o, &c) in out.iter_mut().zip(&codes[k * gb..(k + 1) * gb]) {
+            *o |= c << (B * k);
+        }
     }
 }
 
 /// Inverse of [`pack_group`].
-#[inline]
+#[inline(always)]
 pub(crate) fn unpack_group(bits: u32, g: &[u8]) -> [u8; T] {
-    let gb = 2 * bits as usize;
-    let mask = ((1u32 << bits) - 1) as u8;
-    std::array::from_fn(|i| (g[i % gb] >> (bits as usize * (i / gb))) & mask)
+    match bits {
+        8 => unpack_bits::<8>(g),
+        4 => unpack_bits::<4>(g),
+        2 => unpack_bits::<2>(g),
+        _ => {
+            let gb = 2 * bits as usize;
+            let mask = ((1u32 << bits) - 1) as u8;
+            std::array::from_fn(|i| (g[i % gb] >> (bits as usize * (i / gb))) & mask)
+        }
+    }
+}
+
+#[inline(always)]
+fn unpack_bits<const B: usize>(g: &[u8]) -> [u8; T] {
+    let gb = 2 * B;
+    let mask = ((1u32 << B) - 1) as u8;
+    let g = &g[..gb];
+    let mut out = [0u8; T];
+    for (k, dst) in out.chunks_exact_mut(gb).enumerate() {
+        for (o, &b) in dst.iter_mut().zip(g) {
+            *o = (b >> (B * k)) & mask;
+        }
+    }
+    out
 }
 
 /// The 16 f16 values of an f16 group.
 #[inline]
 pub(crate) fn f16_group(g: &[u8]) -> [f32; T] {
-    std::array::from_fn(|i| f16::from_le_bytes([g[2 * i], g[2 * i + 1]]).to_f32())
+    let h: [f16; T] = std::array::from_fn(|i| f16::from_le_bytes([g[2 * i], g[2 * i + 1]]));
+    let mut out = [0.0f32; T];
+    // The slice conversion takes F16C 8 at a time where the CPU has it (same values).
+    h.convert_to_f32_slice(&mut out);
+    out
 }
 
 #[inline]
@@ -356,6 +413,35 @@ pub(crate) fn f16_at(b: &[u8], i: usize) -> f32 {
 /// Encodes one layer of `src` (all 16 rows, whatever `n_tokens` says) at precision `p`, in the
 /// layout described in the module docs.
 pub fn encode_layer(
+    src: &StagedChunk,
+    layer: usize,
+    p: Precision,
+) -> Result<Box<[u8]>, ChunkError> {
+    #[cfg(target_arch = "x86_64")]
+    if super::attend::simd_available() {
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked just above).
+        return unsafe { encode_layer_avx2(src, layer, p) };
+    }
+    encode_layer_impl(src, layer, p)
+}
+
+/// [`encode_layer`] compiled for AVX2 (the same code, vectorized 8 wide by the compiler; the
+/// bit-for-bit tests against the reference encoder run it on such CPUs).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn encode_layer_avx2(
+    src: &StagedChunk,
+    layer: usize,
+    p: Precision,
+) -> Result<Box<[u8]>, ChunkError> {
+    encode_layer_impl(src, layer, p)
+}
+
+#[inline(always)]
+fn encode_layer_impl(
     src: &StagedChunk,
     layer: usize,
     p: Precision,
@@ -376,71 +462,162 @@ pub fn encode_layer(
     let bits = p.bits();
     let levels = (1u32 << bits.min(8)) - 1;
     let mut out = vec![0u8; layer_bytes(shape, p)].into_boxed_slice();
+    // Keys of one head, channel-major: `kt[c * 16 + t]` (for f16, exactly the key codes).
+    let mut kt = vec![0.0f32; dk * T];
+    // Per-group extremes, then scales and minimums (f32, f16, f16 read back as f32).
+    let n_par = dk.max(T);
+    let (mut lo, mut hi) = (vec![0.0f32; n_par], vec![0.0f32; n_par]);
+    let mut halves = vec![f16::ZERO; dv.max(dk * T)];
+    let (mut sh, mut mh) = (vec![f16::ZERO; n_par], vec![f16::ZERO; n_par]);
+    let (mut s32, mut m32) = (vec![0.0f32; n_par], vec![0.0f32; n_par]);
     for (h, block) in out.chunks_exact_mut(lay.bytes).enumerate() {
-        // Keys: one group per channel, over the 16 tokens.
-        for c in 0..dk {
-            let x: [f32; T] = std::array::from_fn(|t| keys[t * kw + h * dk + c]);
-            let g = &mut block[lay.k_codes + c * gb..lay.k_codes + (c + 1) * gb];
-            if p.is_int() {
-                let (s, m) = encode_int_group(&x, bits, levels, g);
-                block[lay.k_scale + 2 * c..lay.k_scale + 2 * c + 2].copy_from_slice(&s);
-                block[lay.k_min + 2 * c..lay.k_min + 2 * c + 2].copy_from_slice(&m);
-            } else {
-                encode_f16_group(&x, g);
+        // Keys: one group per channel, over the 16 tokens. Extremes are folded token by token
+        // for all channels at once (each channel in the same order as a lone fold).
+        lo[..dk].fill(f32::INFINITY);
+        hi[..dk].fill(f32::NEG_INFINITY);
+        for t in 0..T {
+            let row = &keys[t * kw + h * dk..t * kw + (h + 1) * dk];
+            for (c, &x) in row.iter().enumerate() {
+                kt[c * T + t] = x;
+            }
+            for ((l, u), &x) in lo.iter_mut().zip(hi.iter_mut()).zip(row) {
+                *l = l.min(x);
+                *u = u.max(x);
             }
         }
+        let key_codes = &mut block[lay.k_codes..lay.k_codes + dk * gb];
+        if !p.is_int() {
+            put_f16(&kt, &mut halves, key_codes);
+        } else {
+            group_params_all(
+                levels,
+                (&lo[..dk], &hi[..dk]),
+                (&mut sh[..dk], &mut mh[..dk]),
+                (&mut s32[..dk], &mut m32[..dk]),
+            );
+            for (c, g) in key_codes.chunks_exact_mut(gb).enumerate() {
+                let codes = codes_of(&kt[c * T..(c + 1) * T], s32[c], m32[c], levels);
+                pack_group(bits, &codes, g);
+            }
+            put_halves(&sh[..dk], &mut block[lay.k_scale..lay.k_scale + 2 * dk]);
+            put_halves(&mh[..dk], &mut block[lay.k_min..lay.k_min + 2 * dk]);
+        }
         // Values: per token, groups of 16 channels (the last padded with zeros).
+        let row_of = |t: usize| &values[t * vw + h * dv..t * vw + (h + 1) * dv];
+        let row_bytes = lay.vg * gb;
+        if !p.is_int() {
+            for t in 0..T {
+                let at = lay.v_codes + t * row_bytes;
+                // Padding stays f16 zero (the buffer starts zeroed).
+                put_f16(row_of(t), &mut halves, &mut block[at..at + 2 * dv]);
+            }
+            continue;
+        }
         for t in 0..T {
-            let row = &values[t * vw + h * dv..t * vw + (h + 1) * dv];
-            if p.is_int() {
-                let lo = row.iter().copied().fold(f32::INFINITY, f32::min);
-                let hi = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let (sh, mh) = group_params(lo, hi, levels);
-                let (s, m) = (sh.to_f32(), mh.to_f32());
-                block[lay.v_scale + 2 * t..lay.v_scale + 2 * t + 2]
-                    .copy_from_slice(&sh.to_le_bytes());
-                block[lay.v_min + 2 * t..lay.v_min + 2 * t + 2].copy_from_slice(&mh.to_le_bytes());
-                for (gi, xs) in row.chunks(T).enumerate() {
-                    let mut codes = [0u8; T];
-                    for (c, &x) in codes.iter_mut().zip(xs) {
-                        *c = code_of(x, s, m, levels);
-                    }
-                    let at = lay.v_codes + (t * lay.vg + gi) * gb;
-                    pack_group(bits, &codes, &mut block[at..at + gb]);
-                }
-            } else {
-                for (gi, xs) in row.chunks(T).enumerate() {
-                    let mut x = [0.0f32; T];
-                    x[..xs.len()].copy_from_slice(xs);
-                    let at = lay.v_codes + (t * lay.vg + gi) * gb;
-                    encode_f16_group(&x, &mut block[at..at + gb]);
-                }
+            let row = row_of(t);
+            lo[t] = row.iter().copied().fold(f32::INFINITY, f32::min);
+            hi[t] = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        }
+        group_params_all(
+            levels,
+            (&lo[..T], &hi[..T]),
+            (&mut sh[..T], &mut mh[..T]),
+            (&mut s32[..T], &mut m32[..T]),
+        );
+        put_halves(&sh[..T], &mut block[lay.v_scale..lay.v_scale + 2 * T]);
+        put_halves(&mh[..T], &mut block[lay.v_min..lay.v_min + 2 * T]);
+        for t in 0..T {
+            let at = lay.v_codes + t * row_bytes;
+            let dst = &mut block[at..at + row_bytes];
+            for (xs, g) in row_of(t).chunks(T).zip(dst.chunks_exact_mut(gb)) {
+                // Padding channels of the last group keep code 0.
+                pack_group(bits, &codes_of(xs, s32[t], m32[t], levels), g);
             }
         }
     }
     Ok(out)
 }
 
-fn encode_f16_group(x: &[f32; T], out: &mut [u8]) {
-    for (i, &v) in x.iter().enumerate() {
-        out[2 * i..2 * i + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes());
+/// Scales and minimums of groups with extremes `lo[i]..=hi[i]`, for `levels + 1` codes:
+/// `scale = max((hi − lo) / levels, 0)` and `min = lo` (both clamped to the f16 range first),
+/// rounded to f16 (`sh`, `mh`) and read back (`s32`, `m32`). The conversions of whole arrays
+/// take F16C 8 at a time where the CPU has it, rounding as `f16::from_f32` does.
+fn group_params_all(
+    levels: u32,
+    (lo, hi): (&[f32], &[f32]),
+    (sh, mh): (&mut [f16], &mut [f16]),
+    (s32, m32): (&mut [f32], &mut [f32]),
+) {
+    for (((s, m), &l), &u) in s32.iter_mut().zip(m32.iter_mut()).zip(lo).zip(hi) {
+        let l = l.clamp(-F16_MAX, F16_MAX);
+        let u = u.clamp(-F16_MAX, F16_MAX);
+        *s = ((u - l) / levels as f32).max(0.0);
+        *m = l;
     }
+    sh.convert_from_f32_slice(s32);
+    mh.convert_from_f32_slice(m32);
+    sh.convert_to_f32_slice(s32);
+    mh.convert_to_f32_slice(m32);
 }
 
-/// Quantizes one integer group; returns the f16 scale and minimum bytes.
-fn encode_int_group(x: &[f32; T], bits: u32, levels: u32, out: &mut [u8]) -> ([u8; 2], [u8; 2]) {
-    let lo = x.iter().copied().fold(f32::INFINITY, f32::min);
-    let hi = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let (sh, mh) = group_params(lo, hi, levels);
-    let (s, m) = (sh.to_f32(), mh.to_f32());
-    let codes: [u8; T] = std::array::from_fn(|i| code_of(x[i], s, m, levels));
-    pack_group(bits, &codes, out);
-    (sh.to_le_bytes(), mh.to_le_bytes())
+/// `x` as little-endian f16 into `out` (`2 * x.len()` bytes), through `halves` (scratch of at
+/// least `x.len()`).
+fn put_f16(x: &[f32], halves: &mut [f16], out: &mut [u8]) {
+    let h = &mut halves[..x.len()];
+    h.convert_from_f32_slice(x);
+    put_halves(h, out);
+}
+
+/// Little-endian f16 `bytes` into `out` (`bytes.len() / 2` values, at most `out.len()`),
+/// through `halves` (scratch).
+fn get_f16(bytes: &[u8], halves: &mut [f16], out: &mut [f32]) {
+    let n = (bytes.len() / 2).min(out.len()).min(halves.len());
+    let h = &mut halves[..n];
+    for (v, b) in h.iter_mut().zip(bytes.chunks_exact(2)) {
+        *v = f16::from_le_bytes([b[0], b[1]]);
+    }
+    h.convert_to_f32_slice(&mut out[..n]);
+}
+
+fn put_halves(h: &[f16], out: &mut [u8]) {
+    for (o, v) in out.chunks_exact_mut(2).zip(h) {
+        o.copy_from_slice(&v.to_le_bytes());
+    }
 }
 
 /// Decodes one layer's bytes (at precision `p`, of `dst`'s shape) into rows 0..16 of `dst`'s
 /// `layer`.
 pub fn decode_layer(
+    p: Precision,
+    bytes: &[u8],
+    dst: &mut StagedChunk,
+    layer: usize,
+) -> Result<(), ChunkError> {
+    #[cfg(target_arch = "x86_64")]
+    if super::attend::simd_available() {
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked just above).
+        return unsafe { decode_layer_avx2(p, bytes, dst, layer) };
+    }
+    decode_layer_impl(p, bytes, dst, layer)
+}
+
+/// [`decode_layer`] compiled for AVX2, as [`encode_layer_avx2`].
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn decode_layer_avx2(
+    p: Precision,
+    bytes: &[u8],
+    dst: &mut StagedChunk,
+    layer: usize,
+) -> Result<(), ChunkError> {
+    decode_layer_impl(p, bytes, dst, layer)
+}
+
+#[inline(always)]
+fn decode_layer_impl(
     p: Precision,
     bytes: &[u8],
     dst: &mut StagedChunk,
@@ -465,43 +642,58 @@ pub fn decode_layer(
     let (dk, dv) = (shape.head_dim, shape.v_head_dim);
     let gb = p.group_bytes();
     let bits = p.bits();
+    // One head's keys (channel-major) or one value row, as f32 read from f16.
+    let mut wide = vec![0.0f32; (dk * T).max(dv)];
+    let mut halves = vec![f16::ZERO; (dk * T).max(dv)];
     for (h, block) in bytes.chunks_exact(lay.bytes).enumerate() {
         let keys = dst.keys_mut(layer);
-        for c in 0..dk {
-            let g = &block[lay.k_codes + c * gb..lay.k_codes + (c + 1) * gb];
-            let x = if p.is_int() {
+        if p.is_int() {
+            for c in 0..dk {
+                let g = &block[lay.k_codes + c * gb..lay.k_codes + (c + 1) * gb];
                 let (s, m) = (
                     f16_at(&block[lay.k_scale..], c),
                     f16_at(&block[lay.k_min..], c),
                 );
-                unpack_group(bits, g).map(|q| q as f32 * s + m)
-            } else {
-                f16_group(g)
-            };
-            for (t, &v) in x.iter().enumerate() {
-                keys[t * kw + h * dk + c] = v;
+                for (w, q) in wide[c * T..(c + 1) * T]
+                    .iter_mut()
+                    .zip(unpack_group(bits, g))
+                {
+                    *w = q as f32 * s + m;
+                }
+            }
+        } else {
+            get_f16(
+                &block[lay.k_codes..lay.k_codes + dk * gb],
+                &mut halves,
+                &mut wide,
+            );
+        }
+        for t in 0..T {
+            let row = &mut keys[t * kw + h * dk..t * kw + (h + 1) * dk];
+            for (c, k) in row.iter_mut().enumerate() {
+                *k = wide[c * T + t];
             }
         }
         let values = dst.values_mut(layer);
+        let row_bytes = lay.vg * gb;
         for t in 0..T {
             let row = &mut values[t * vw + h * dv..t * vw + (h + 1) * dv];
-            let (s, m) = if p.is_int() {
-                (
-                    f16_at(&block[lay.v_scale..], t),
-                    f16_at(&block[lay.v_min..], t),
-                )
-            } else {
-                (1.0, 0.0)
-            };
-            for (gi, dst) in row.chunks_mut(T).enumerate() {
-                let at = lay.v_codes + (t * lay.vg + gi) * gb;
-                let g = &block[at..at + gb];
-                let x = if p.is_int() {
-                    unpack_group(bits, g).map(|q| q as f32 * s + m)
-                } else {
-                    f16_group(g)
-                };
-                dst.copy_from_slice(&x[..dst.len()]);
+            let at = lay.v_codes + t * row_bytes;
+            if !p.is_int() {
+                get_f16(&block[at..at + 2 * dv], &mut halves, row);
+                continue;
+            }
+            let (s, m) = (
+                f16_at(&block[lay.v_scale..], t),
+                f16_at(&block[lay.v_min..], t),
+            );
+            for (dst, g) in row
+                .chunks_mut(T)
+                .zip(block[at..at + row_bytes].chunks_exact(gb))
+            {
+                for (d, q) in dst.iter_mut().zip(unpack_group(bits, g)) {
+                    *d = q as f32 * s + m;
+                }
             }
         }
     }

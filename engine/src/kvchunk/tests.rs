@@ -1093,6 +1093,85 @@ fn codes_round_half_away_from_zero() {
 }
 
 #[test]
+fn codes_of_matches_code_of() {
+    use super::format::{code_of, codes_of};
+    let mut rng = ChaCha8Rng::seed_from_u64(22);
+    let specials = [
+        0.0,
+        -0.0,
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::MAX,
+        f32::MIN_POSITIVE,
+        1e-30,
+    ];
+    for levels in [3u32, 15, 255] {
+        for round in 0..4000 {
+            let scale = match round % 5 {
+                0 => 0.0,
+                1 => f16::from_f32(rng.gen_range(1e-6f32..1e-3)).to_f32(),
+                _ => f16::from_f32(rng.gen_range(0.01f32..2.0)).to_f32(),
+            };
+            let min = f16::from_f32(rng.gen_range(-3.0f32..1.0)).to_f32();
+            let n = if round % 7 == 0 {
+                rng.gen_range(1..16)
+            } else {
+                16
+            };
+            let x: Vec<f32> = (0..n)
+                .map(|_| {
+                    if rng.gen_range(0..10) == 0 {
+                        specials[rng.gen_range(0..specials.len())]
+                    } else {
+                        min + scale * rng.gen_range(-2.0f32..levels as f32 + 2.0)
+                    }
+                })
+                .collect();
+            let got = codes_of(&x, scale, min, levels);
+            for (i, &c) in got.iter().enumerate() {
+                let want = x.get(i).map_or(0, |&v| code_of(v, scale, min, levels));
+                assert_eq!(c, want, "x={:?} scale={scale} min={min}", x.get(i));
+            }
+        }
+    }
+}
+
+#[test]
+fn slice_f16_conversion_rounds_as_from_f32() {
+    use half::slice::HalfFloatSliceExt;
+    let mut rng = ChaCha8Rng::seed_from_u64(23);
+    // Random bit patterns (every exponent, NaNs included) and values near f16 boundaries.
+    let mut xs: Vec<f32> = (0..200_000).map(|_| f32::from_bits(rng.gen())).collect();
+    xs.extend((0..=u16::MAX).flat_map(|h| {
+        let v = f16::from_bits(h).to_f32();
+        [
+            v,
+            f32::from_bits(v.to_bits().wrapping_add(1)),
+            f32::from_bits(v.to_bits().wrapping_sub(1)),
+        ]
+    }));
+    xs.truncate(xs.len() / 16 * 16);
+    let mut h = vec![f16::ZERO; xs.len()];
+    h.convert_from_f32_slice(&xs);
+    for (x, h) in xs.iter().zip(&h) {
+        let want = f16::from_f32(*x);
+        // NaNs stay NaNs (their payload is not part of the format).
+        assert!(
+            want.to_bits() == h.to_bits() || (want.is_nan() && h.is_nan()),
+            "{x:e}: {:#06x} against {:#06x}",
+            h.to_bits(),
+            want.to_bits()
+        );
+    }
+    let mut back = vec![0.0f32; h.len()];
+    h.convert_to_f32_slice(&mut back);
+    for (h, b) in h.iter().zip(&back) {
+        assert!(h.to_f32().to_bits() == b.to_bits() || (h.is_nan() && b.is_nan()));
+    }
+}
+
+#[test]
 fn layer_buffers_come_back_in_layer_order() {
     let s = shape(3, 2, 8, 8);
     let mut rng = ChaCha8Rng::seed_from_u64(5);
@@ -1113,4 +1192,34 @@ fn layer_buffers_come_back_in_layer_order() {
         partial.into_layer_buffers(),
         vec![layers[1].clone().into_boxed_slice()]
     );
+}
+
+/// Speed of sealing and unsealing a SmolLM2-shaped chunk (30 layers, 3 kv heads of 64): run
+/// with `cargo test --release -p llmsd-engine quantize_speed -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn quantize_speed() {
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let s = shape(30, 3, 64, 64);
+    let src = random_staged(&mut rng, s, 16);
+    let rounds = 50;
+    for p in Precision::ALL {
+        let t = std::time::Instant::now();
+        let mut sealed = None;
+        for _ in 0..rounds {
+            sealed = Some(SealedChunk::quantize(&src, p).unwrap());
+        }
+        let q = t.elapsed().as_secs_f64() / rounds as f64;
+        let sealed = sealed.unwrap();
+        let t = std::time::Instant::now();
+        for _ in 0..rounds {
+            std::hint::black_box(sealed.dequantize().unwrap());
+        }
+        let d = t.elapsed().as_secs_f64() / rounds as f64;
+        println!(
+            "{p}: quantize {:.3} ms, dequantize {:.3} ms a chunk",
+            q * 1e3,
+            d * 1e3
+        );
+    }
 }
