@@ -2471,7 +2471,7 @@ impl KvStore {
             steps.push(Step::Requantize(id, masters.len()));
             masters.push((master, want));
         }
-        // The quantizing is the costly part (about 1.5 ms a chunk): every pool thread takes
+        // The quantizing is the costly part (about 0.5 ms a chunk): every pool thread takes
         // chunks, so a call's close holds up the other apps' next tokens for less.
         type Quantized = Option<Result<Arc<SealedChunk>>>;
         let quantized: Vec<Mutex<Quantized>> = masters.iter().map(|_| Mutex::new(None)).collect();
