@@ -398,10 +398,8 @@ fn unpack_bits<const B: usize>(g: &[u8]) -> [u8; T] {
 /// The 16 f16 values of an f16 group.
 #[inline]
 pub(crate) fn f16_group(g: &[u8]) -> [f32; T] {
-    let h: [f16; T] = std::array::from_fn(|i| f16::from_le_bytes([g[2 * i], g[2 * i + 1]]));
-    let mut out = [0.0f32; T];
-    // The slice conversion takes F16C 8 at a time where the CPU has it (same values).
-    h.convert_to_f32_slice(&mut out);
+    let (mut h, mut out) = ([f16::ZERO; T], [0.0f32; T]);
+    get_f16(&g[..2 * T], &mut h, &mut out);
     out
 }
 
@@ -480,9 +478,11 @@ fn encode_layer_impl(
             for (c, &x) in row.iter().enumerate() {
                 kt[c * T + t] = x;
             }
-            for ((l, u), &x) in lo.iter_mut().zip(hi.iter_mut()).zip(row) {
-                *l = l.min(x);
-                *u = u.max(x);
+            if p.is_int() {
+                for ((l, u), &x) in lo.iter_mut().zip(hi.iter_mut()).zip(row) {
+                    *l = l.min(x);
+                    *u = u.max(x);
+                }
             }
         }
         let key_codes = &mut block[lay.k_codes..lay.k_codes + dk * gb];
