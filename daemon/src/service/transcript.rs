@@ -259,27 +259,8 @@ impl TranscriptStore {
     /// kept in memory (and the error returned for the log).
     pub fn save(&self, owner: &str, ctx: &str, t: &Transcript) -> Result<(), DurableError> {
         let path = self.path(owner, ctx);
-        let result = self.write(&path, t);
-        let mut unsaved = self.unsaved();
-        match &result {
-            Ok(()) => {
-                unsaved.remove(&path);
-                self.retry_failed(&mut unsaved);
-            }
-            Err(_) => {
-                let save = self.saves.fetch_add(1, Ordering::Relaxed);
-                let transcript = t.clone();
-                unsaved.insert(
-                    path,
-                    Unsaved {
-                        save,
-                        transcript,
-                        failed: true,
-                    },
-                );
-            }
-        }
-        result
+        let save = self.stage(&path, t.clone());
+        self.write_staged(&path, save)
     }
 
     /// Writes the transcripts whose writes failed (the disk had room again for another).
@@ -306,45 +287,57 @@ impl TranscriptStore {
         t: Transcript,
     ) -> impl FnOnce() + Send + 'static {
         let path = self.path(owner, ctx);
-        let save = self.saves.fetch_add(1, Ordering::Relaxed);
-        let pending = Unsaved {
-            save,
-            transcript: t,
-            failed: false,
-        };
-        self.unsaved().insert(path.clone(), pending);
+        let save = self.stage(&path, t);
         let store = Arc::clone(self);
-        move || store.write_queued(&path, save)
+        move || {
+            if let Err(e) = store.write_staged(&path, save) {
+                // Kept in memory; the next successful save writes it.
+                tracing::warn!(path = %path.display(), error = %e, "saving the transcript failed");
+            }
+        }
     }
 
-    /// The write of [`Self::save_later`]'s save number `save` of `path`.
-    fn write_queued(&self, path: &Path, save: u64) {
-        let queued = |u: &HashMap<PathBuf, Unsaved>| {
+    /// Makes `t` the transcript of `path` in memory, not written yet; returns its save number.
+    fn stage(&self, path: &Path, transcript: Transcript) -> u64 {
+        let save = self.saves.fetch_add(1, Ordering::Relaxed);
+        let staged = Unsaved {
+            save,
+            transcript,
+            failed: false,
+        };
+        self.unsaved().insert(path.to_path_buf(), staged);
+        save
+    }
+
+    /// Writes save number `save` of `path` (from [`Self::stage`]); then, if it is still the
+    /// latest, forgets it on success (and retries the failed ones) or marks it failed. A save
+    /// superseded by a later one or by a delete is not written.
+    fn write_staged(&self, path: &Path, save: u64) -> Result<(), DurableError> {
+        let staged = |u: &HashMap<PathBuf, Unsaved>| {
             u.get(path)
                 .filter(|u| u.save == save)
                 .map(|u| u.transcript.clone())
         };
-        let Some(t) = queued(&self.unsaved()) else {
-            return;
+        let Some(t) = staged(&self.unsaved()) else {
+            return Ok(());
         };
         let result = self.write(path, &t);
         let mut unsaved = self.unsaved();
         if unsaved.get(path).is_none_or(|u| u.save != save) {
-            return;
+            return Ok(());
         }
-        match result {
+        match &result {
             Ok(()) => {
                 unsaved.remove(path);
                 self.retry_failed(&mut unsaved);
             }
-            Err(e) => {
-                // Kept in memory; the next successful save writes it.
-                tracing::warn!(path = %path.display(), error = %e, "saving the transcript failed");
+            Err(_) => {
                 if let Some(u) = unsaved.get_mut(path) {
                     u.failed = true;
                 }
             }
         }
+        result
     }
 
     fn write(&self, path: &Path, t: &Transcript) -> Result<(), DurableError> {
